@@ -1,0 +1,33 @@
+"""comfyui-zimage: fast, easy and measurable Z-Image in ComfyUI.
+
+ComfyUI imports this package from custom_nodes/ and calls comfy_entrypoint(). Node code is imported
+only inside ComfyUI (it needs `comfy`), so the package can also be imported by tools and tests.
+"""
+from pathlib import Path
+
+WEB_DIRECTORY = "./web"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def register_model_folders() -> None:
+    """Make the models shipped in this package appear in ComfyUI's model dropdowns with no user action."""
+    import folder_paths
+
+    for kind in ("diffusion_models", "text_encoders", "vae", "checkpoints", "diffusers"):
+        folder = PACKAGE_DIR / "models" / kind
+        if folder.is_dir():
+            folder_paths.add_model_folder_path(kind, str(folder))
+
+
+async def comfy_entrypoint():
+    from comfy_api.latest import ComfyExtension
+
+    from .nodes import loader
+
+    register_model_folders()
+
+    class ZImageExtension(ComfyExtension):
+        async def get_node_list(self):
+            return [loader.ZImageCheckpointLoader]
+
+    return ZImageExtension()

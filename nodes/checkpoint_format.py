@@ -1,0 +1,296 @@
+"""What a Z-Image file holds: safetensors headers, key layouts and the model sizes they imply.
+
+Everything here works on tensor names and shapes alone (no ComfyUI, no weights read), so the loader
+can check a file completely before it reads a byte of weights, and unit tests can call it directly.
+The same code reads the nano files and the real 6B files: every size is inferred from shapes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Prefixes under which an all-in-one checkpoint stores each part (ComfyUI's own save layout first).
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+TEXT_ENCODER_PREFIXES = ("text_encoders.qwen3_4b.transformer.", "text_encoders.qwen3_4b.", "text_encoder.",
+                         "cond_stage_model.", "")
+VAE_PREFIXES = ("vae.", "first_stage_model.", "")
+
+# Recommended sampling per variant: what the official ComfyUI workflows use (turbo: 9 steps = 8 NFEs
+# with res_multistep at cfg 1; base: CFG with a negative prompt; edit: reference-guided, 20 NFEs).
+SAMPLING_SETTINGS = {
+    "turbo": {"steps": 9, "cfg": 1.0, "shift": 3.0, "sampler": "res_multistep", "scheduler": "simple"},
+    "base": {"steps": 30, "cfg": 4.0, "shift": 3.0, "sampler": "res_multistep", "scheduler": "simple"},
+    "edit": {"steps": 20, "cfg": 4.0, "shift": 3.0, "sampler": "res_multistep", "scheduler": "simple"},
+}
+VARIANTS = tuple(SAMPLING_SETTINGS)
+
+SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}
+
+
+class ZImageFileError(ValueError):
+    """A file that cannot be used, with a message that names it, says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class SafetensorsHeader:
+    """The header of one .safetensors file, checked against the file's size."""
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse a .safetensors header without reading tensor data; refuse anything else with a clear error."""
+    path = Path(path)
+    name = path.name
+    if path.suffix.lower() != ".safetensors":
+        raise ZImageFileError(f"{name}: only .safetensors files are loaded (pickle-based .ckpt/.pt/.bin files can "
+                              "run code when opened). Convert it to .safetensors or pick another file.")
+    if not path.is_file():
+        raise ZImageFileError(f"{name}: file not found at {path}. Put it in your ComfyUI models folder and refresh.")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise ZImageFileError(f"{name}: the file is empty or truncated ({size} bytes); download it again.")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(size - 8, 100 << 20):
+            raise ZImageFileError(f"{name}: not a valid safetensors file (header length {header_len} does not fit in "
+                                  f"{size} bytes): it is corrupt or truncated; download it again.")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ZImageFileError(f"{name}: the safetensors header is corrupt ({e}); download the file again.") from None
+    if not isinstance(header, dict):
+        raise ZImageFileError(f"{name}: the safetensors header is corrupt; download the file again.")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    data_len = size - 8 - header_len
+    for key, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ZImageFileError(f"{name}: tensor entry {key!r} in the header is malformed; the file is corrupt.") from None
+        if end > data_len:
+            raise ZImageFileError(f"{name}: the file is truncated: tensor {key!r} ends at byte {end} of the data, but "
+                                  f"only {data_len} bytes are present. Download the file again (resume if you can).")
+        tensors[key] = TensorInfo(dtype, shape, end - start)
+    return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which part a set of keys is, and under which prefix.
+
+def find_prefix(keys, marker: str, prefixes) -> str | None:
+    for prefix in prefixes:
+        if prefix + marker in keys:
+            return prefix
+    return None
+
+
+def strip_prefix(shapes: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+DIT_MARKER = "cap_embedder.1.weight"
+DIFFUSERS_DIT_MARKER = "all_x_embedder.2-1.weight"
+TEXT_ENCODER_MARKER = "model.layers.0.self_attn.q_norm.weight"
+VAE_MARKER = "decoder.conv_in.weight"
+DIFFUSERS_VAE_MARKER = "decoder.up_blocks.0.resnets.0.norm1.weight"
+
+
+def describe_foreign_layout(keys) -> str:
+    """Name the model family a key set most likely belongs to, for error messages."""
+    joined = "\n".join(list(keys)[:4000])
+    checks = [
+        ("an SD1.x/SD2.x/SDXL UNet", r"(^|\.)input_blocks\.\d+\."),
+        ("a Flux/Chroma transformer", r"(^|\.)double_blocks\.\d+\."),
+        ("an SD3/MMDiT transformer", r"(^|\.)joint_blocks\.\d+\."),
+        ("a diffusers UNet", r"(^|\.)down_blocks\.\d+\.attentions"),
+        ("a Wan video model", r"(^|\.)blocks\.\d+\.self_attn\.q\."),
+        ("a Lumina-2 model (not Z-Image: no Z-Image modulation)", r"layers\.0\.adaLN_modulation\.1\.weight"),
+        ("a CLIP text encoder", r"text_model\.encoder\.layers|transformer\.resblocks"),
+        ("a T5 text encoder", r"encoder\.block\.\d+\.layer"),
+        ("a LoRA (load it with a LoRA loader instead)", r"lora_(up|down|A|B)|\.lora\."),
+    ]
+    for label, pattern in checks:
+        if re.search(pattern, joined, re.M):
+            return label
+    return "an unknown model"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Diffusion model (NextDiT with Z-Image modulation).
+
+def count_blocks(keys, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def default_axes_dims(head_dim: int) -> list[int]:
+    """RoPE split of a head: Z-Image uses [32, 48, 48] for head_dim 128; scale that ratio for other heads."""
+    first = 2 * round(head_dim / 8)
+    rest = head_dim - first
+    second = (rest // 2) // 2 * 2
+    return [first, second, rest - second]
+
+
+def infer_dit_config(shapes: dict[str, tuple], name: str, metadata: dict | None = None) -> dict:
+    """The NextDiT constructor arguments (ComfyUI `unet_config`) implied by a comfy-format key set."""
+    metadata = metadata or {}
+    required = ["x_embedder.weight", "cap_embedder.1.weight", "final_layer.linear.weight",
+                "layers.0.attention.qkv.weight", "layers.0.attention.q_norm.weight",
+                "layers.0.feed_forward.w1.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.weight"]
+    if "layers.0.adaLN_modulation.1.weight" in shapes:
+        raise ZImageFileError(f"{name}: this is a Lumina-2 model, not Z-Image (its blocks lack Z-Image's modulation). "
+                              "Load it with ComfyUI's UNETLoader instead.")
+    missing = [k for k in required + ["layers.0.adaLN_modulation.0.weight"] if k not in shapes]
+    if missing:
+        raise ZImageFileError(f"{name}: not a complete Z-Image diffusion model: missing {', '.join(missing[:3])}"
+                              f"{' …' if len(missing) > 3 else ''}. The file is incomplete or a different model.")
+    dim, patch_features = shapes["x_embedder.weight"]
+    head_dim = shapes["layers.0.attention.q_norm.weight"][0]
+    qkv_rows = shapes["layers.0.attention.qkv.weight"][0]
+    n_heads = dim // head_dim
+    n_kv_heads = (qkv_rows // head_dim - n_heads) // 2
+    latent_channels = 16
+    patch_size = math.isqrt(patch_features // latent_channels)
+    if (dim % head_dim or n_kv_heads <= 0 or patch_size * patch_size * latent_channels != patch_features
+            or shapes["final_layer.linear.weight"][0] != patch_features):
+        raise ZImageFileError(f"{name}: tensor shapes are inconsistent with a Z-Image model (dim {dim}, head_dim "
+                              f"{head_dim}, patch features {patch_features}); the file is damaged or not Z-Image.")
+    if dim < 256:
+        raise ZImageFileError(f"{name}: dim {dim} is below 256, which ComfyUI's Z-Image modulation cannot run.")
+    hidden = shapes["layers.0.feed_forward.w1.weight"][0]
+    # Reproduce the real models' FFN rule exactly where it applies, else any hidden width.
+    ffn_multiplier, multiple_of = 8.0 / 3.0, 256
+    if multiple_of * -(-int(dim * ffn_multiplier) // multiple_of) != hidden:
+        ffn_multiplier, multiple_of = hidden / dim, hidden
+    n_layers = count_blocks(shapes, "layers.")
+    n_refiner = count_blocks(shapes, "noise_refiner.")
+    if count_blocks(shapes, "context_refiner.") != n_refiner:
+        raise ZImageFileError(f"{name}: noise_refiner and context_refiner have different depths; the file is damaged.")
+    if shapes["t_embedder.mlp.0.weight"][0] != min(dim, 1024) or shapes["t_embedder.mlp.2.weight"][0] != min(dim, 256):
+        raise ZImageFileError(f"{name}: its timestep embedder does not have Z-Image's shape for dim {dim}.")
+    extra = json.loads(metadata.get("zimage.dit_config", "{}"))
+    return {
+        "image_model": "lumina2",
+        "patch_size": patch_size,
+        "in_channels": latent_channels,
+        "dim": dim,
+        "cap_feat_dim": shapes["cap_embedder.1.weight"][1],
+        "n_layers": n_layers,
+        "n_refiner_layers": n_refiner,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "multiple_of": multiple_of,
+        "ffn_dim_multiplier": ffn_multiplier,
+        "norm_eps": 1e-5,
+        "qk_norm": True,
+        "axes_dims": extra.get("axes_dims", default_axes_dims(head_dim)),
+        "axes_lens": extra.get("axes_lens", [1536, 512, 512]),
+        "rope_theta": float(extra.get("rope_theta", 256.0)),
+        "z_image_modulation": True,
+        "time_scale": float(extra.get("time_scale", 1000.0)),
+        "pad_tokens_multiple": 32 if "cap_pad_token" in shapes else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text encoder (Qwen3, ComfyUI's Llama code).
+
+def infer_qwen3_config(shapes: dict[str, tuple], name: str) -> dict:
+    """Qwen3 config fields implied by a HF/ComfyUI-format key set (keys start with `model.`)."""
+    needed = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+              "model.layers.0.self_attn.k_proj.weight", TEXT_ENCODER_MARKER, "model.layers.0.mlp.gate_proj.weight",
+              "model.norm.weight"]
+    missing = [k for k in needed if k not in shapes]
+    if missing:
+        raise ZImageFileError(f"{name}: not a Qwen3 text encoder (missing {missing[0]}); it looks like "
+                              f"{describe_foreign_layout(shapes)}. Z-Image needs the Qwen3-4B encoder "
+                              "(qwen_3_4b.safetensors).")
+    vocab, hidden = shapes["model.embed_tokens.weight"]
+    head_dim = shapes[TEXT_ENCODER_MARKER][0]
+    layers = count_blocks(shapes, "model.layers.")
+    if layers < 3:
+        raise ZImageFileError(f"{name}: a text encoder with {layers} layers; Z-Image reads the second-to-last "
+                              "layer's hidden states, so it needs at least 3.")
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": shapes["model.layers.0.mlp.gate_proj.weight"][0],
+        "num_hidden_layers": layers,
+        "num_attention_heads": shapes["model.layers.0.self_attn.q_proj.weight"][0] // head_dim,
+        "num_key_value_heads": shapes["model.layers.0.self_attn.k_proj.weight"][0] // head_dim,
+        "head_dim": head_dim,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# VAE (AutoencoderKL, ldm key layout; diffusers layout is converted by ComfyUI's own table).
+
+def infer_vae_config(shapes: dict[str, tuple], name: str) -> dict:
+    """The AutoencoderKL ddconfig implied by an ldm-format VAE key set."""
+    needed = ["encoder.conv_in.weight", "encoder.conv_out.weight", VAE_MARKER, "decoder.conv_out.weight"]
+    missing = [k for k in needed if k not in shapes]
+    if missing:
+        raise ZImageFileError(f"{name}: not an AutoencoderKL VAE (missing {missing[0]}); it looks like "
+                              f"{describe_foreign_layout(shapes)}. Z-Image uses the Flux VAE (ae.safetensors).")
+    ch = shapes["encoder.conv_in.weight"][0]
+    levels = count_blocks(shapes, "encoder.down.")
+    ch_mult = [shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels)]
+    z_channels = shapes[VAE_MARKER][1]
+    if z_channels != 16:
+        raise ZImageFileError(f"{name}: this VAE has {z_channels} latent channels; Z-Image needs a 16-channel "
+                              "(Flux-family) VAE such as ae.safetensors.")
+    return {
+        "double_z": shapes["encoder.conv_out.weight"][0] == 2 * z_channels,
+        "z_channels": z_channels,
+        "resolution": 256,
+        "in_channels": shapes["encoder.conv_in.weight"][1],
+        "out_ch": shapes["decoder.conv_out.weight"][0],
+        "ch": ch,
+        "ch_mult": ch_mult,
+        "num_res_blocks": count_blocks(shapes, "encoder.down.0.block."),
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Variant (turbo / base / edit) from metadata, file name and keys.
+
+def detect_variant(name: str, metadata: dict, keys=()) -> tuple[str, str]:
+    """(variant, how it was told). Metadata wins, then the file name, then the key layout."""
+    for field_name in ("zimage.variant", "modelspec.title", "modelspec.architecture", "name"):
+        value = metadata.get(field_name, "").lower()
+        for variant in ("turbo", "edit", "omni", "base"):
+            if variant in value:
+                return ("edit" if variant == "omni" else variant), f"metadata {field_name}={metadata[field_name]!r}"
+    lowered = Path(name).name.lower()
+    for variant, words in (("turbo", ("turbo",)), ("edit", ("edit", "omni")), ("base", ("base",))):
+        if any(w in lowered for w in words):
+            return variant, f"file name {Path(name).name!r}"
+    if any(k.startswith(("ref_", "reference_")) for k in keys):
+        return "edit", "reference-image keys"
+    return "turbo", "default (Z-Image-Turbo is the released model; name the file or set metadata to choose)"

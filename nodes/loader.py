@@ -1,0 +1,570 @@
+"""Z-Image Checkpoint Loader: split files, all-in-one checkpoints and diffusers folders, at any size.
+
+ComfyUI core recognises Z-Image only at the 6B size (dim 3840) and only as split files. This loader
+infers every size from tensor shapes, so the nano models and the real ones share one code path, and it
+returns the standard MODEL / CLIP / VAE objects core nodes expect.
+
+Memory: models are built on the `meta` device and the file tensors are then assigned into them, so a
+weight whose dtype already matches is the memory-mapped file page itself (never copied); a weight that
+must be cast is converted tensor by tensor while the file is re-opened in chunks, so pages already read
+leave the process instead of piling up.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+import comfy.model_detection
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.samplers
+import comfy.sd
+import comfy.supported_models
+import comfy.text_encoders.llama as llama
+import comfy.text_encoders.z_image as z_image
+import comfy.utils
+import folder_paths
+from comfy import sd1_clip
+from comfy.ldm.models.autoencoder import AutoencoderKL
+from comfy import diffusers_convert
+from comfy_api.latest import io
+
+from .checkpoint_format import (DIFFUSERS_DIT_MARKER, DIFFUSERS_VAE_MARKER, DIT_MARKER, DIT_PREFIXES,
+                                SAMPLING_SETTINGS, TEXT_ENCODER_MARKER, TEXT_ENCODER_PREFIXES, VAE_MARKER,
+                                VAE_PREFIXES, SafetensorsHeader, ZImageFileError, describe_foreign_layout,
+                                detect_variant, find_prefix, infer_dit_config, infer_qwen3_config,
+                                infer_vae_config, read_header)
+
+log = logging.getLogger("comfyui-zimage")
+
+AUTO = "auto"
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+                 "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPUTE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "diffusers")
+
+
+class ZImageCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageCheckpointLoader",
+            display_name="Z-Image Checkpoint Loader",
+            category="Z-Image/loaders",
+            description="Loads a Z-Image diffusion model, its Qwen3 text encoder and its Flux VAE from split "
+                        "files, one all-in-one checkpoint or a diffusers folder, at any model size, and "
+                        "outputs the sampling settings recommended for the variant.",
+            inputs=[
+                io.Combo.Input("model", options=list_model_sources(),
+                               tooltip="The diffusion model: a file in models/diffusion_models, an all-in-one "
+                                       "checkpoint in models/checkpoints, or a diffusers folder in models/diffusers. "
+                                       "Only .safetensors files are listed."),
+                io.Combo.Input("text_encoder", options=[AUTO] + safetensors_files("text_encoders"), default=AUTO,
+                               tooltip="The Qwen3 text encoder (qwen_3_4b.safetensors for real Z-Image). 'auto' takes "
+                                       "it from the checkpoint or diffusers folder, else the one file in "
+                                       "models/text_encoders whose width fits the model."),
+                io.Combo.Input("vae", options=[AUTO] + safetensors_files("vae"), default=AUTO,
+                               tooltip="The 16-channel Flux VAE (ae.safetensors for real Z-Image). 'auto' takes it from "
+                                       "the checkpoint or diffusers folder, else the one 16-channel file in models/vae."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Storage dtype of the diffusion model's weights. 'default' lets ComfyUI choose for "
+                                       "your device; fp8 halves memory at a small quality cost (fp8_e4m3fn_fast also "
+                                       "computes in fp8 on GPUs that support it)."),
+                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="default",
+                               tooltip="Dtype the diffusion model computes in when weights are stored in another "
+                                       "(e.g. fp8). 'default' lets ComfyUI choose for your device."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL"),
+                io.Clip.Output(display_name="CLIP"),
+                io.Vae.Output(display_name="VAE"),
+                io.Int.Output(display_name="steps", tooltip="Recommended steps for this variant."),
+                io.Float.Output(display_name="cfg", tooltip="Recommended CFG for this variant."),
+                io.Float.Output(display_name="shift", tooltip="Recommended ModelSamplingAuraFlow shift."),
+                io.Combo.Output(display_name="sampler", options=comfy.samplers.KSampler.SAMPLERS,
+                                tooltip="Recommended sampler."),
+                io.Combo.Output(display_name="scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                                tooltip="Recommended scheduler."),
+                io.String.Output(display_name="variant", tooltip="turbo, base or edit, and how it was told."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, text_encoder, vae, weight_dtype, compute_dtype) -> io.NodeOutput:
+        parts = resolve_parts(model, text_encoder, vae)
+        plan = plan_load(parts)
+        pbar = comfy.utils.ProgressBar(sum(p.nbytes for p in (parts.dit, parts.text_encoder, parts.vae)))
+        dit = load_diffusion_model(parts.dit, plan.dit_config, WEIGHT_DTYPES[weight_dtype],
+                                   COMPUTE_DTYPES[compute_dtype], weight_dtype.endswith("_fast"), pbar)
+        clip = load_text_encoder(parts.text_encoder, plan.text_encoder_config, pbar)
+        vae_obj = load_vae(parts.vae, plan.vae_config, pbar)
+        s = SAMPLING_SETTINGS[plan.variant]
+        log.info("Z-Image %s loaded (%s); dim %d, %d layers; text encoder %s; VAE %s", plan.variant, plan.variant_reason,
+                 plan.dit_config["dim"], plan.dit_config["n_layers"], parts.text_encoder.label, parts.vae.label)
+        return io.NodeOutput(dit, clip, vae_obj, s["steps"], s["cfg"], s["shift"], s["sampler"], s["scheduler"],
+                             f"{plan.variant} ({plan.variant_reason})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding the files.
+
+def safetensors_files(folder: str) -> list[str]:
+    try:
+        names = folder_paths.get_filename_list(folder)
+    except KeyError:
+        return []
+    return sorted(n for n in names if n.lower().endswith(".safetensors"))
+
+
+def diffusers_folders() -> list[str]:
+    found = []
+    for base in folder_paths.get_folder_paths("diffusers") if "diffusers" in folder_paths.folder_names_and_paths else []:
+        base = Path(base)
+        if base.is_dir():
+            for index in sorted(base.rglob("transformer")):
+                if index.is_dir() and any(index.glob("*.safetensors")):
+                    found.append(index.parent.relative_to(base).as_posix())
+    return found
+
+
+def list_model_sources() -> list[str]:
+    return ([f"diffusion_models/{n}" for n in safetensors_files("diffusion_models")]
+            + [f"checkpoints/{n}" for n in safetensors_files("checkpoints")]
+            + [f"diffusers/{n}" for n in diffusers_folders()])
+
+
+def full_path(folder: str, name: str) -> Path:
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise ZImageFileError(f"{name}: not found in models/{folder}. Put the file there and refresh the page "
+                              "(press R in the canvas).")
+    return Path(path)
+
+
+def diffusers_folder_path(name: str) -> Path:
+    for base in folder_paths.get_folder_paths("diffusers"):
+        candidate = Path(base) / name
+        if candidate.is_dir():
+            return candidate
+    raise ZImageFileError(f"diffusers/{name}: folder not found in models/diffusers.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A part: the tensors of one model component, possibly spread over shards, under a prefix.
+
+@dataclass
+class Part:
+    label: str
+    headers: list[SafetensorsHeader]
+    prefix: str = ""
+    layout: str = "comfy"  # or "diffusers"
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def shapes(self) -> dict[str, tuple]:
+        out = {}
+        for h in self.headers:
+            for k, t in h.tensors.items():
+                if k.startswith(self.prefix):
+                    out[k[len(self.prefix):]] = t.shape
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for h in self.headers for k, t in h.tensors.items() if k.startswith(self.prefix))
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        return {k[len(self.prefix):]: t.dtype for h in self.headers for k, t in h.tensors.items()
+                if k.startswith(self.prefix)}
+
+
+@dataclass
+class Parts:
+    dit: Part
+    text_encoder: Part
+    vae: Part
+    model_name: str
+
+
+def part_in(headers: list[SafetensorsHeader], label: str, markers: dict[str, str], prefixes) -> Part | None:
+    keys = {k for h in headers for k in h.tensors}
+    for layout, marker in markers.items():
+        prefix = find_prefix(keys, marker, prefixes)
+        if prefix is not None:
+            meta = {k: v for h in headers for k, v in h.metadata.items()}
+            return Part(label, headers, prefix, layout, meta)
+    return None
+
+
+def dit_part(headers, label) -> Part | None:
+    # diffusers keeps the name cap_embedder.1.weight too, so its own marker is tried first.
+    return part_in(headers, label, {"diffusers": DIFFUSERS_DIT_MARKER, "comfy": DIT_MARKER}, DIT_PREFIXES)
+
+
+def text_encoder_part(headers, label) -> Part | None:
+    return part_in(headers, label, {"comfy": TEXT_ENCODER_MARKER}, TEXT_ENCODER_PREFIXES)
+
+
+def vae_part(headers, label) -> Part | None:
+    return part_in(headers, label, {"diffusers": DIFFUSERS_VAE_MARKER, "comfy": VAE_MARKER}, VAE_PREFIXES)
+
+
+def sharded_headers(folder: Path, what: str) -> list[SafetensorsHeader]:
+    """All shards of one diffusers component, following its index file when there is one."""
+    if not folder.is_dir():
+        raise ZImageFileError(f"{folder.parent.name}: the diffusers folder has no {folder.name}/ subfolder; a Z-Image "
+                              f"diffusers folder holds transformer/, text_encoder/ and vae/ ({what}).")
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ZImageFileError(f"{indexes[0].name}: the shard index is unreadable ({e}).") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise ZImageFileError(f"{folder.parent.name}/{folder.name}: shard {missing[0]} named in {indexes[0].name} "
+                                  "is missing; download the whole folder again.")
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in folder.iterdir() if p.is_file())
+        hint = f" (found {', '.join(others[:3])}: only .safetensors weights are loaded)" if others else ""
+        raise ZImageFileError(f"{folder.parent.name}/{folder.name}: no .safetensors files{hint}.")
+    return [read_header(folder / f) for f in files]
+
+
+def resolve_parts(model: str, text_encoder: str, vae: str) -> Parts:
+    folder, _, name = model.partition("/")
+    if folder not in SOURCE_FOLDERS or not name:
+        raise ZImageFileError(f"{model}: choose a model from the list (diffusion_models/…, checkpoints/… or diffusers/…).")
+    if folder == "diffusers":
+        root = diffusers_folder_path(name)
+        dit_headers = sharded_headers(root / "transformer", "the diffusion model")
+        dit = dit_part(dit_headers, f"{model}/transformer")
+        bundled_te = text_encoder_part(sharded_headers(root / "text_encoder", "the text encoder"),
+                                       f"{model}/text_encoder") if text_encoder == AUTO else None
+        bundled_vae = vae_part(sharded_headers(root / "vae", "the VAE"), f"{model}/vae") if vae == AUTO else None
+        all_headers = dit_headers
+    else:
+        all_headers = [read_header(full_path(folder, name))]
+        dit = dit_part(all_headers, model)
+        bundled_te = text_encoder_part(all_headers, model)
+        bundled_vae = vae_part(all_headers, model)
+    if dit is None:
+        keys = {k for h in all_headers for k in h.tensors}
+        raise ZImageFileError(f"{model}: not a Z-Image diffusion model: it looks like {describe_foreign_layout(keys)}. "
+                              "Pick a Z-Image file (e.g. z_image_turbo_bf16.safetensors).")
+    dit_config = plan_dit_config(dit)
+    te = pick_part(text_encoder, "text_encoders", bundled_te, text_encoder_part, "text encoder", model,
+                   lambda p: infer_qwen3_config(p.shapes, p.label)["hidden_size"] == dit_config["cap_feat_dim"])
+    vae_p = pick_part(vae, "vae", bundled_vae, vae_part, "VAE", model,
+                      lambda p: p.shapes.get(VAE_MARKER, (0, 0))[1] == 16 if p.layout == "comfy" else True)
+    return Parts(dit, te, vae_p, model)
+
+
+def pick_part(choice, folder, bundled, finder, what, model, fits) -> Part:
+    if choice != AUTO:
+        part = finder([read_header(full_path(folder, choice))], f"{folder}/{choice}")
+        if part is None:
+            header = read_header(full_path(folder, choice))
+            raise ZImageFileError(f"{folder}/{choice}: not a Z-Image {what}: it looks like "
+                                  f"{describe_foreign_layout(header.tensors)}.")
+        return part
+    if bundled is not None:
+        return bundled
+    candidates = []
+    for name in safetensors_files(folder):
+        try:
+            part = finder([read_header(full_path(folder, name))], f"{folder}/{name}")
+            if part is not None and fits(part):
+                candidates.append(part)
+        except ZImageFileError:
+            continue
+    if not candidates:
+        raise ZImageFileError(f"{model} holds no {what}, and no file in models/{folder} fits it. Put the {what} "
+                              f"there (qwen_3_4b.safetensors / ae.safetensors for real Z-Image) or pick one.")
+    stem = Path(model).name.lower()
+    # Several fit: prefer the one whose name shares the longest start with the model's (nano-* with nano-*).
+    return max(candidates, key=lambda p: len(_common_prefix(Path(p.label).name.lower(), stem)))
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checking every part before any weight is read.
+
+@dataclass
+class LoadPlan:
+    dit_config: dict
+    text_encoder_config: dict
+    vae_config: dict
+    variant: str
+    variant_reason: str
+
+
+def dit_comfy_shapes(part: Part) -> dict[str, tuple]:
+    if part.layout == "comfy":
+        return part.shapes
+    meta = {k: torch.empty(s, device="meta") for k, s in part.shapes.items()}
+    return {k: tuple(v.shape) for k, v in convert_diffusers_dit(meta).items()}
+
+
+def plan_dit_config(part: Part) -> dict:
+    return infer_dit_config(dit_comfy_shapes(part), part.label, part.metadata)
+
+
+def vae_ldm_shapes(part: Part) -> dict[str, tuple]:
+    if part.layout == "comfy":
+        return part.shapes
+    meta = {k: torch.empty(s, device="meta") for k, s in part.shapes.items()}
+    return {k: tuple(v.shape) for k, v in diffusers_convert.convert_vae_state_dict(meta).items()}
+
+
+def plan_load(parts: Parts) -> LoadPlan:
+    dit_config = plan_dit_config(parts.dit)
+    te_config = infer_qwen3_config(parts.text_encoder.shapes, parts.text_encoder.label)
+    if te_config["hidden_size"] != dit_config["cap_feat_dim"]:
+        raise ZImageFileError(
+            f"{parts.text_encoder.label}: this text encoder outputs {te_config['hidden_size']}-wide features but "
+            f"{parts.dit.label} expects {dit_config['cap_feat_dim']} (cap_embedder width). Use the text encoder made "
+            "for this model (qwen_3_4b.safetensors for real Z-Image; the nano text encoder for nano models).")
+    vae_config = infer_vae_config(vae_ldm_shapes(parts.vae), parts.vae.label)
+    variant, reason = detect_variant(parts.model_name, parts.dit.metadata, parts.dit.shapes.keys())
+    return LoadPlan(dit_config, te_config, vae_config, variant, reason)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading tensors.
+
+def read_part(part: Part, wanted: dict[str, torch.dtype | None], pbar=None, rename=None) -> dict[str, torch.Tensor]:
+    """Read the tensors of `part` whose (renamed) key is in `wanted`, cast to the dtype given there.
+
+    Each file is re-opened every ~chunk so memory-mapped pages already consumed are released.
+    """
+    rename = rename or (lambda k: k)
+    total = max(part.nbytes, 1)
+    chunk = max(16 << 20, min(256 << 20, total // 32))
+    out: dict[str, torch.Tensor] = {}
+    for header in part.headers:
+        keys = [k for k in header.tensors if k.startswith(part.prefix) and rename(k[len(part.prefix):]) in wanted]
+        i = 0
+        while i < len(keys):
+            mm.throw_exception_if_processing_interrupted()
+            budget = 0
+            try:
+                with safe_open(str(header.path), framework="pt", device="cpu") as f:
+                    while i < len(keys) and (budget == 0 or budget < chunk):
+                        key = keys[i]
+                        target = rename(key[len(part.prefix):])
+                        tensor = f.get_tensor(key)
+                        dtype = wanted[target]
+                        if dtype is not None and tensor.dtype != dtype and tensor.is_floating_point():
+                            tensor = tensor.to(dtype)
+                        out[target] = tensor
+                        budget += header.tensors[key].nbytes
+                        i += 1
+            except ZImageFileError:
+                raise
+            except Exception as e:  # safetensors raises its own error types for damaged data
+                raise ZImageFileError(f"{header.path.name}: reading tensor {keys[i]!r} failed ({e}); the file is "
+                                      "corrupt. Download it again.") from None
+            if pbar is not None:
+                pbar.update(budget)
+    return out
+
+
+def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], label: str) -> None:
+    """Put the file tensors into a module built on `meta`; fail clearly if anything is left unset."""
+    module.load_state_dict(tensors, strict=False, assign=True)
+    # Scaled-fp8 layers a file leaves unscaled keep ComfyUI's default scale of 1, as core's loading does;
+    # NextDiT's norm_final is never used in its forward pass and the released files do not carry it.
+    defaults = {n: torch.ones(t.shape, dtype=torch.float32) for n, t in module.state_dict(keep_vars=True).items()
+                if t.is_meta and (n.endswith((".scale_weight", ".scale_input")) or n == "norm_final.weight")}
+    if defaults:
+        module.load_state_dict(defaults, strict=False, assign=True)
+    unset = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if unset:
+        raise ZImageFileError(f"{label}: the file lacks {len(unset)} tensors the model needs (e.g. {unset[0]}); it is "
+                              "incomplete or a different model size than its other tensors imply.")
+
+
+def target_dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
+    return {k: v.dtype for k, v in module.state_dict(keep_vars=True).items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Diffusion model.
+
+def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers ZImageTransformer2DModel keys -> ComfyUI NextDiT keys (ComfyUI's own LoRA key table)."""
+    config = {"dim": sd["cap_embedder.1.weight"].shape[0],
+              "n_layers": comfy.model_detection.count_blocks(sd.keys(), "layers.{}."),
+              "n_refiner_layers": comfy.model_detection.count_blocks(sd.keys(), "noise_refiner.{}.")}
+    key_map = comfy.utils.z_image_to_diffusers(config)
+    out, fused = {}, {}
+    for k, v in sd.items():
+        target = key_map.get(k, k)
+        if isinstance(target, tuple):  # q/k/v rows of the fused qkv projection
+            name, (dim, offset, _) = target
+            fused.setdefault(name, []).append((offset, v))
+        else:
+            out[target] = v
+    for name, pieces in fused.items():
+        out[name] = torch.cat([v for _, v in sorted(pieces, key=lambda p: p[0])], dim=0)
+    return out
+
+
+def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dtype, fp8_fast: bool, pbar):
+    model_config = comfy.supported_models.ZImage(dict(unet_config))
+    shapes_dtypes = part.dtypes
+    if "scaled_fp8" in shapes_dtypes:
+        scaled = next(h for h in part.headers if part.prefix + "scaled_fp8" in h.tensors)
+        info = scaled.tensors[part.prefix + "scaled_fp8"]
+        model_config.scaled_fp8 = torch.float8_e5m2 if info.dtype == "F8_E5M2" else torch.float8_e4m3fn
+        model_config.optimizations["fp8"] = info.shape != (2,)
+    quant = comfy.model_detection.detect_layer_quantization(dict(part.metadata))
+    if quant:
+        model_config.layer_quant_config = quant
+
+    load_device = mm.get_torch_device()
+    parameters = sum(_numel(s) for s in part.shapes.values())
+    file_dtype = _most_common_torch_dtype(shapes_dtypes)
+    supported = list(model_config.supported_inference_dtypes)
+    if weight_dtype is None:
+        weight_dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=supported,
+                                     weight_dtype=None if model_config.scaled_fp8 else file_dtype)
+    if compute_dtype is None:
+        compute_dtype = mm.unet_manual_cast(None if quant else weight_dtype, load_device, supported)
+    model_config.set_inference_dtype(weight_dtype, compute_dtype)
+    if fp8_fast:
+        model_config.optimizations["fp8"] = True
+
+    model = model_config.get_model({}, "", device=torch.device("meta"))
+    wanted = target_dtypes(model.diffusion_model)
+    if part.layout == "diffusers":
+        raw = read_part(part, {k: None for k in part.shapes}, pbar)
+        tensors = {k: v.to(wanted[k]) if k in wanted and v.is_floating_point() else v
+                   for k, v in convert_diffusers_dit(raw).items()}
+        del raw
+    else:
+        tensors = read_part(part, wanted, pbar)
+    assign_weights(model.diffusion_model, tensors, part.label)
+    del tensors
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _most_common_torch_dtype(dtypes: dict[str, str]):
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    counts: dict = {}
+    for d in dtypes.values():
+        counts[d] = counts.get(d, 0) + 1
+    best = max(counts, key=counts.get) if counts else "F32"
+    return names.get(best, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text encoder: ComfyUI's Qwen3 and Z-Image tokenizer/template, sized from the file.
+
+def qwen3_model_class(config: dict):
+    class SizedQwen3(llama.BaseLlama, torch.nn.Module):
+        def __init__(self, config_dict, dtype, device, operations):
+            super().__init__()
+            cfg = llama.Qwen3_4BConfig(**{k: v for k, v in config.items() if k != "head_dim"})
+            cfg.head_dim = config["head_dim"]  # a class attribute in ComfyUI's config, fixed at 128 there
+            self.num_layers = cfg.num_hidden_layers
+            self.model = llama.Llama2_(cfg, device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+    return SizedQwen3
+
+
+def text_encoder_class(config: dict, llama_kwargs: dict):
+    """A ZImageTEModel whose Qwen3 has the file's sizes; identical to core's for the real 4B encoder."""
+    model_class = qwen3_model_class(config)
+
+    class SizedQwen3Model(sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", layer="hidden", layer_idx=-2, dtype=None, attention_mask=True, model_options={}):
+            super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config={}, dtype=dtype,
+                             special_tokens={"pad": 151643}, layer_norm_hidden_state=False, model_class=model_class,
+                             enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
+                             model_options=model_options)
+
+    class SizedZImageTE(z_image.ZImageTEModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            if llama_kwargs.get("dtype_llama") is not None:
+                dtype = llama_kwargs["dtype_llama"]
+            if llama_kwargs.get("llama_scaled_fp8") is not None and "scaled_fp8" not in model_options:
+                model_options = dict(model_options, scaled_fp8=llama_kwargs["llama_scaled_fp8"])
+            sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=dtype, name="qwen3_4b",
+                                           clip_model=SizedQwen3Model, model_options=model_options)
+    return SizedZImageTE
+
+
+def load_text_encoder(part: Part, config: dict, pbar):
+    shapes_dtypes = part.dtypes
+    llama_kwargs = {}
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    if "model.norm.weight" in shapes_dtypes:  # the same rule as core's llama_detect
+        llama_kwargs["dtype_llama"] = names.get(shapes_dtypes["model.norm.weight"])
+    if "scaled_fp8" in shapes_dtypes:
+        llama_kwargs["llama_scaled_fp8"] = names.get(shapes_dtypes["scaled_fp8"])
+    target = type("ClipTarget", (), {})()
+    target.params = {}
+    target.clip = text_encoder_class(config, llama_kwargs)
+    target.tokenizer = z_image.ZImageTokenizer
+    parameters = sum(_numel(s) for s in part.shapes.values())
+    clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"), parameters=parameters,
+                         model_options={"initial_device": torch.device("meta")})
+    transformer = clip.cond_stage_model.qwen3_4b.transformer
+    wanted = target_dtypes(transformer)
+    assign_weights(transformer, read_part(part, wanted, pbar), part.label)
+    return clip
+
+
+# ---------------------------------------------------------------------------------------------------
+# VAE.
+
+def load_vae(part: Part, ddconfig: dict, pbar):
+    sd = read_part(part, {k: None for k in part.shapes}, pbar)
+    if part.layout == "diffusers":
+        sd = diffusers_convert.convert_vae_state_dict(sd)
+    z = ddconfig["z_channels"]
+    # Flux's VAE has no quant convs; identity 1x1 convs make ComfyUI's AutoencoderKL exactly equivalent.
+    if "quant_conv.weight" not in sd:
+        sd["quant_conv.weight"] = torch.eye(2 * z)[:, :, None, None]
+        sd["quant_conv.bias"] = torch.zeros(2 * z)
+    if "post_quant_conv.weight" not in sd:
+        sd["post_quant_conv.weight"] = torch.eye(z)[:, :, None, None]
+        sd["post_quant_conv.bias"] = torch.zeros(z)
+    with torch.device("meta"):
+        reference = AutoencoderKL(ddconfig=ddconfig, embed_dim=z)
+    missing = sorted(set(reference.state_dict()) - set(sd))
+    if missing:
+        raise ZImageFileError(f"{part.label}: the VAE lacks {len(missing)} tensors its other tensors imply (e.g. "
+                              f"{missing[0]}); the file is incomplete. Download it again.")
+    try:
+        vae = comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": z}})
+    except RuntimeError as e:  # shape mismatch inside load_state_dict
+        raise ZImageFileError(f"{part.label}: the VAE tensors do not fit together ({str(e).splitlines()[0]}).") from None
+    vae.latent_channels = z
+    return vae
