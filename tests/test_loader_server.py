@@ -1,0 +1,143 @@
+"""The Z-Image Checkpoint Loader in real graphs on a real ComfyUI server (through /prompt, /ws, /history, /view)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import sampling_graph
+from zimage_client.comfy_api import PromptRejected
+
+SOURCES = [
+    "diffusion_models/tiny-zimage-turbo_bf16.safetensors",
+    "diffusion_models/tiny-zimage-base_fp16.safetensors",
+    "diffusion_models/tiny-zimage_fp32.safetensors",
+    "diffusion_models/tiny-zimage-turbo_fp8_e4m3fn.safetensors",
+    "diffusion_models/tiny-zimage-turbo_fp8_scaled.safetensors",
+    "checkpoints/tiny-zimage-turbo-aio.safetensors",
+    "diffusers/tiny-zimage-turbo-diffusers",
+]
+
+
+def fetch_image(client, result) -> np.ndarray:
+    images = result.images()
+    assert len(images) == 1, result.history
+    return np.asarray(Image.open(io.BytesIO(client.view(images[0]))).convert("RGB"), dtype=np.float32)
+
+
+def test_plugin_registers_the_loader(client):
+    info = client.object_info("ZImageCheckpointLoader")["ZImageCheckpointLoader"]
+    assert info["display_name"] == "Z-Image Checkpoint Loader"
+    assert info["output"][:3] == ["MODEL", "CLIP", "VAE"]
+    models = info["input"]["required"]["model"][1]["options"]
+    assert set(SOURCES) <= set(models)
+    assert not any(m.endswith(".ckpt") for m in models), "only .safetensors files may be offered"
+    assert info["input"]["required"]["model"][1]["tooltip"]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_format_samples_with_core_nodes(client, source):
+    result = client.run(sampling_graph(source, prefix="fmt"), timeout=300)
+    assert result.status == "success", result.error
+    pixels = fetch_image(client, result)
+    assert pixels.shape == (64, 64, 3)
+    assert np.isfinite(pixels).all() and pixels.std() > 0.5, "the decoded image is constant"
+
+
+def test_formats_of_the_same_weights_give_the_same_image(client):
+    """bf16 split files, the all-in-one checkpoint and the diffusers folder hold the same tensors."""
+    images = [fetch_image(client, client.run(sampling_graph(s, seed=7, prefix="same"), timeout=300))
+              for s in ("diffusion_models/tiny-zimage-turbo_bf16.safetensors",
+                        "checkpoints/tiny-zimage-turbo-aio.safetensors", "diffusers/tiny-zimage-turbo-diffusers")]
+    assert np.abs(images[0] - images[1]).max() == 0
+    assert np.abs(images[0] - images[2]).max() == 0
+
+
+def test_recommended_settings_come_out_for_the_variant(client):
+    graph = {
+        "1": {"class_type": "ZImageCheckpointLoader",
+              "inputs": {"model": "diffusion_models/tiny-zimage-base_fp16.safetensors", "text_encoder": "auto",
+                         "vae": "auto", "weight_dtype": "default", "compute_dtype": "default"}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 8]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["1", 3]}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["1", 4]}},
+    }
+    result = client.run(graph, timeout=120)
+    assert result.status == "success", result.error
+    assert result.outputs["2"]["text"][0].startswith("base")
+    assert result.outputs["3"]["text"][0] == "30"
+    assert float(result.outputs["4"]["text"][0]) == 4.0
+
+
+def test_lora_loader_patches_the_loaded_model(client, models_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    lora = models_dir / "loras" / "tiny-zimage-lora.safetensors"
+    if not lora.exists():
+        lora.parent.mkdir(exist_ok=True)
+        gen = torch.Generator().manual_seed(3)
+        sd = {}
+        for i in range(2):
+            base = f"diffusion_model.layers.{i}.attention.out"
+            sd[f"{base}.lora_A.weight"] = torch.randn(4, 256, generator=gen)
+            sd[f"{base}.lora_B.weight"] = torch.randn(256, 4, generator=gen)
+        save_file(sd, str(lora))
+    client.get_json("/object_info/LoraLoader")  # make the server rescan the folder list
+    images = []
+    for strength in (0.0, 2.0):
+        graph = sampling_graph("diffusion_models/tiny-zimage-turbo_bf16.safetensors", seed=1, prefix="lora")
+        graph["9"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                             "lora_name": lora.name, "strength_model": strength,
+                                                             "strength_clip": 0.0}}
+        graph["2"]["inputs"]["model"] = ["9", 0]
+        result = client.run(graph, timeout=300)
+        assert result.status == "success", result.error
+        images.append(fetch_image(client, result))
+    assert np.abs(images[0] - images[1]).mean() > 1.0, "the LoRA did not change the model"
+
+
+BAD_INPUTS = [
+    # (model, text_encoder, vae, words the error must contain)
+    ("diffusion_models/broken-truncated.safetensors", "auto", "auto", ["broken-truncated.safetensors", "truncated"]),
+    ("diffusion_models/broken-corrupt.safetensors", "auto", "auto", ["broken-corrupt.safetensors", "corrupt"]),
+    ("diffusion_models/not-zimage-sd15.safetensors", "auto", "auto", ["not-zimage-sd15.safetensors", "not a Z-Image",
+                                                                     "SD1"]),
+    ("diffusion_models/not-zimage-flux.safetensors", "auto", "auto", ["not-zimage-flux.safetensors", "Flux"]),
+    ("diffusion_models/tiny-zimage-turbo_bf16.safetensors", "tiny-qwen3-wide_bf16.safetensors", "auto",
+     ["tiny-qwen3-wide_bf16.safetensors", "96", "64"]),
+    ("checkpoints/broken-no-text-encoder.safetensors", "auto", "auto", ["broken-no-text-encoder", "no text encoder"]),
+    ("diffusers/broken-no-vae", "auto", "auto", ["broken-no-vae", "vae/"]),
+]
+
+
+@pytest.mark.parametrize("model,text_encoder,vae,words", BAD_INPUTS, ids=[b[0].split("/")[-1] for b in BAD_INPUTS])
+def test_bad_input_gives_one_clear_node_error_and_the_server_goes_on(client, model, text_encoder, vae, words):
+    graph = sampling_graph(model, text_encoder=text_encoder, vae=vae, prefix="bad")
+    result = client.run(graph, timeout=120)
+    assert result.status == "error"
+    assert result.error["node_id"] == "1" and result.error["node_type"] == "ZImageCheckpointLoader"
+    message = result.error["exception_message"]
+    for word in words:
+        assert word in message, message
+    assert "\n" not in message.strip(), "one message, not a traceback"
+    # /history records the same error for the UI.
+    messages = dict(result.history["status"]["messages"])
+    assert messages["execution_error"]["exception_message"] == message
+    # The very next valid prompt succeeds.
+    ok = client.run(sampling_graph("diffusion_models/tiny-zimage-turbo_bf16.safetensors", prefix="after"), timeout=300)
+    assert ok.status == "success", ok.error
+
+
+def test_a_pickle_file_is_refused(client):
+    """A .ckpt is never opened: refused at validation or by the loader, with a message saying why."""
+    try:
+        result = client.run(sampling_graph("diffusion_models/old-model.ckpt"), timeout=60)
+    except PromptRejected as e:
+        assert "old-model.ckpt" in str(e)
+        return
+    assert result.status == "error"
+    assert "old-model.ckpt" in result.error["exception_message"]
+    assert ".safetensors" in result.error["exception_message"]

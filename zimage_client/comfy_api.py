@@ -1,0 +1,169 @@
+"""Talk to a ComfyUI server as any client program does: /prompt, /ws, /history, /view."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+
+import websocket
+
+
+class ComfyError(RuntimeError):
+    """Base of the client's errors."""
+
+
+class PromptRejected(ComfyError):
+    """The server refused the prompt at validation (HTTP 400); `node_errors` says which node and input."""
+
+    def __init__(self, payload: dict):
+        self.payload = payload
+        self.error = payload.get("error", {})
+        self.node_errors = payload.get("node_errors", {})
+        super().__init__(format_rejection(payload))
+
+
+class ServerUnreachable(ComfyError):
+    pass
+
+
+class RunTimeout(ComfyError):
+    pass
+
+
+def format_rejection(payload: dict) -> str:
+    error = payload.get("error", {})
+    lines = [f"prompt rejected: {error.get('message', '')} {error.get('details', '')}".strip()]
+    for node_id, info in payload.get("node_errors", {}).items():
+        for e in info.get("errors", []):
+            name = e.get("extra_info", {}).get("input_name", "")
+            lines.append(f"  node {node_id} ({info.get('class_type', '?')}) {name}: {e.get('message', '')} "
+                         f"{e.get('details', '')}".rstrip())
+    return "\n".join(lines)
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    status: str  # "success", "error" or "interrupted"
+    history: dict
+    error: dict | None = None  # the execution_error message (node_id, node_type, exception_message, ...)
+    progress: list = field(default_factory=list)  # (node, value, max) from /ws progress messages
+
+    @property
+    def outputs(self) -> dict:
+        return self.history.get("outputs", {})
+
+    def images(self) -> list[dict]:
+        return [img for out in self.outputs.values() for img in out.get("images", [])]
+
+
+class ComfyClient:
+    def __init__(self, base_url: str, client_id: str | None = None, timeout: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self.client_id = client_id or uuid.uuid4().hex
+        self.timeout = timeout
+
+    # -- HTTP -------------------------------------------------------------------------------------
+    def _request(self, path: str, data: bytes | None = None, method: str | None = None):
+        req = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError:
+            raise
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            raise ServerUnreachable(f"cannot reach ComfyUI at {self.base_url}: {e}") from None
+
+    def get_json(self, path: str):
+        with self._request(path) as r:
+            return json.loads(r.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        with self._request(path) as r:
+            return r.read()
+
+    def system_stats(self) -> dict:
+        return self.get_json("/system_stats")
+
+    def object_info(self, node_type: str | None = None) -> dict:
+        return self.get_json("/object_info" + (f"/{urllib.parse.quote(node_type)}" if node_type else ""))
+
+    def queue_prompt(self, prompt: dict) -> str:
+        body = json.dumps({"prompt": prompt, "client_id": self.client_id}).encode()
+        try:
+            with self._request("/prompt", data=body) as r:
+                return json.loads(r.read())["prompt_id"]
+        except urllib.error.HTTPError as e:
+            payload = json.loads(e.read() or b"{}")
+            raise PromptRejected(payload) from None
+
+    def history(self, prompt_id: str) -> dict:
+        return self.get_json(f"/history/{prompt_id}").get(prompt_id, {})
+
+    def view(self, image: dict) -> bytes:
+        query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                                        "type": image.get("type", "output")})
+        return self.get_bytes(f"/view?{query}")
+
+    def interrupt(self) -> None:
+        self._request("/interrupt", data=b"{}").close()
+
+    # -- websocket --------------------------------------------------------------------------------
+    def connect(self) -> websocket.WebSocket:
+        url = self.base_url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
+        try:
+            return websocket.create_connection(url, timeout=5)
+        except (OSError, websocket.WebSocketException) as e:
+            raise ServerUnreachable(f"cannot open the websocket at {url}: {e}") from None
+
+    def run(self, prompt: dict, timeout: float = 600.0, on_message=None) -> RunResult:
+        """Queue a prompt and follow /ws until it finishes, fails or is interrupted; then read /history."""
+        ws = self.connect()  # before queueing, so no message is missed
+        try:
+            prompt_id = self.queue_prompt(prompt)
+            status, error, progress = self._follow(ws, prompt_id, timeout, on_message)
+        finally:
+            ws.close()
+        history = self._wait_history(prompt_id)
+        return RunResult(prompt_id, status, history, error, progress)
+
+    def _follow(self, ws, prompt_id: str, timeout: float, on_message):
+        deadline = time.monotonic() + timeout
+        progress = []
+        while True:
+            if time.monotonic() > deadline:
+                raise RunTimeout(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+            try:
+                raw = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except (OSError, websocket.WebSocketException) as e:
+                raise ServerUnreachable(f"the websocket closed while prompt {prompt_id} ran: {e}") from None
+            if not isinstance(raw, str):
+                continue  # binary preview frames
+            msg = json.loads(raw)
+            kind, data = msg.get("type"), msg.get("data", {})
+            if on_message is not None:
+                on_message(msg)
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            if kind == "progress":
+                progress.append((data.get("node"), data.get("value"), data.get("max")))
+            elif kind == "execution_error":
+                return "error", data, progress
+            elif kind == "execution_interrupted":
+                return "interrupted", data, progress
+            elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                return "success", None, progress
+
+    def _wait_history(self, prompt_id: str, wait: float = 10.0) -> dict:
+        deadline = time.monotonic() + wait
+        while True:
+            entry = self.history(prompt_id)
+            if entry or time.monotonic() > deadline:
+                return entry
+            time.sleep(0.1)
