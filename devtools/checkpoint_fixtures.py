@@ -17,14 +17,13 @@ from zimage_client.runtime import import_comfy
 
 import_comfy(cpu=True)
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
 import comfy.ops  # noqa: E402
 import comfy.text_encoders.llama as llama  # noqa: E402
 import comfy.utils  # noqa: E402
+import torch  # noqa: E402
 from comfy.ldm.lumina.model import NextDiT  # noqa: E402
 from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 TINY_DIT = dict(patch_size=2, in_channels=16, dim=256, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
                 multiple_of=256, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5, qk_norm=True, cap_feat_dim=64,

@@ -16,9 +16,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-
 import comfy.model_detection
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -29,16 +26,32 @@ import comfy.text_encoders.llama as llama
 import comfy.text_encoders.z_image as z_image
 import comfy.utils
 import folder_paths
-from comfy import sd1_clip
+import torch
+from comfy import diffusers_convert, sd1_clip
 from comfy.ldm.models.autoencoder import AutoencoderKL
-from comfy import diffusers_convert
 from comfy_api.latest import io
+from safetensors import safe_open
 
-from .checkpoint_format import (DIFFUSERS_DIT_MARKER, DIFFUSERS_VAE_MARKER, DIT_MARKER, DIT_PREFIXES,
-                                SAMPLING_SETTINGS, TEXT_ENCODER_MARKER, TEXT_ENCODER_PREFIXES, VAE_MARKER,
-                                VAE_PREFIXES, SafetensorsHeader, ZImageFileError, describe_foreign_layout,
-                                detect_variant, find_prefix, infer_dit_config, infer_qwen3_config,
-                                infer_vae_config, read_header)
+from .checkpoint_format import (
+    DIFFUSERS_DIT_MARKER,
+    DIFFUSERS_VAE_MARKER,
+    DIT_MARKER,
+    DIT_PREFIXES,
+    SAMPLING_SETTINGS,
+    TEXT_ENCODER_MARKER,
+    TEXT_ENCODER_PREFIXES,
+    VAE_MARKER,
+    VAE_PREFIXES,
+    SafetensorsHeader,
+    ZImageFileError,
+    describe_foreign_layout,
+    detect_variant,
+    find_prefix,
+    infer_dit_config,
+    infer_qwen3_config,
+    infer_vae_config,
+    read_header,
+)
 
 log = logging.getLogger("comfyui-zimage")
 

@@ -3,18 +3,24 @@ from __future__ import annotations
 
 import struct
 
-import pytest
-import torch
-
 import comfy.model_detection
 import comfy.ops
 import comfy.text_encoders.llama as llama
+import pytest
+import torch
 from comfy.ldm.lumina.model import NextDiT
 from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
 from comfyui_zimage.nodes import loader
-from comfyui_zimage.nodes.checkpoint_format import (ZImageFileError, default_axes_dims, describe_foreign_layout,
-                                                    detect_variant, infer_dit_config, infer_qwen3_config,
-                                                    infer_vae_config, read_header)
+from comfyui_zimage.nodes.checkpoint_format import (
+    ZImageFileError,
+    default_axes_dims,
+    describe_foreign_layout,
+    detect_variant,
+    infer_dit_config,
+    infer_qwen3_config,
+    infer_vae_config,
+    read_header,
+)
 
 # The published configurations of the released models (Tongyi-MAI/Z-Image-Turbo transformer/config.json,
 # Qwen/Qwen3-4B config.json, black-forest-labs FLUX.1 ae).

@@ -5,9 +5,9 @@ import io
 
 import numpy as np
 import pytest
+from conftest import sampling_graph
 from PIL import Image
 
-from conftest import sampling_graph
 from zimage_client.comfy_api import PromptRejected
 
 SOURCES = [

@@ -60,7 +60,7 @@ class ComfyServer:
                                                                         Path(self.models_dir)))]
         return cmd
 
-    def start(self) -> "ComfyServer":
+    def start(self) -> ComfyServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         plugin_link = self.comfy_dir / "custom_nodes" / "comfyui-zimage"
         if not plugin_link.exists() and REPO_ROOT.parent.name != "custom_nodes":
@@ -103,7 +103,7 @@ class ComfyServer:
     def client(self, **kwargs) -> ComfyClient:
         return ComfyClient(self.url, **kwargs)
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
