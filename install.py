@@ -163,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "run":
         return run_in_runtime("zimage_client.main_job", argv[1:])
     if argv and argv[0] == "test":
-        return run_in_runtime("pytest", argv[1:] or ["tests"])
+        # Lint first (fast), then the whole suite: unit tests and the real-server tests.
+        return run_in_runtime("ruff", ["check", "."]) or run_in_runtime("pytest", argv[1:] or ["tests"])
     if argv and argv[0] == "download":
-        return run_in_runtime("zimage_client.download", argv[1:])
+        # Standard library only: no runtime needed, and never run implicitly.
+        return subprocess.run([sys.executable, "-m", "zimage_client.download", *argv[1:]], cwd=ROOT).returncode
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="re-run every install step")
     return install(parser.parse_args(argv))

@@ -26,13 +26,12 @@ from zimage_client.runtime import import_comfy, import_plugin  # noqa: E402
 import_comfy(cpu=True)
 import_plugin()
 
-import torch  # noqa: E402
-
 import comfy.model_management  # noqa: E402
 import comfy.ops  # noqa: E402
 import comfy.text_encoders.llama as llama  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
+import torch  # noqa: E402
 from comfy.ldm.lumina.model import NextDiT  # noqa: E402
 from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E402
 from comfyui_zimage.nodes.loader import ZImageCheckpointLoader  # noqa: E402

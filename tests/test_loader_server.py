@@ -141,3 +141,10 @@ def test_a_pickle_file_is_refused(client):
     assert result.status == "error"
     assert "old-model.ckpt" in result.error["exception_message"]
     assert ".safetensors" in result.error["exception_message"]
+
+
+def test_web_extension_is_served(client):
+    scripts = client.get_json("/extensions")
+    ours = [s for s in scripts if s.endswith("/zimage.js")]
+    assert ours, scripts
+    assert b"registerExtension" in client.get_bytes(ours[0])
