@@ -1,0 +1,57 @@
+"""install.py's decisions, in-process: where it installs, what it installs, and that a re-run does nothing."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+@pytest.fixture()
+def install():
+    spec = importlib.util.spec_from_file_location("zimage_install", REPO_ROOT / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_existing_comfyui_is_found_from_custom_nodes_or_env(install, tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    comfy = tmp_path / "ComfyUI"
+    plugin = comfy / "custom_nodes" / "comfyui-zimage"
+    plugin.mkdir(parents=True)
+    (comfy / "main.py").write_text("")
+    monkeypatch.setattr(install, "ROOT", plugin)
+    assert install.existing_comfyui() == comfy
+    monkeypatch.setattr(install, "ROOT", tmp_path / "elsewhere" / "comfyui-zimage")
+    assert install.existing_comfyui() is None
+    monkeypatch.setenv("COMFYUI_PATH", str(comfy))
+    assert install.existing_comfyui() == comfy
+
+
+def test_inside_comfyui_only_the_plugin_requirements_are_installed(install, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    assert install.main([]) == 0
+    assert len(calls) == 1 and calls[0][-2:] == ["-r", str(install.PLUGIN_REQUIREMENTS)]
+
+
+def test_comfy_requirements_skip_torch_and_audio_and_add_requests(install, tmp_path):
+    (tmp_path / "requirements.txt").write_text("torch\ntorchvision\ntorchaudio\nnumpy>=1.25.0\n#x\nkornia>=0.7.1\n")
+    assert install.comfy_requirements(tmp_path) == ["numpy>=1.25.0", "kornia>=0.7.1", "requests"]
+
+
+def test_a_provisioned_runtime_is_not_provisioned_again(install, monkeypatch):
+    if not (install.STAMP.is_file() and install.venv_python().exists()):
+        pytest.skip("runs inside an existing ComfyUI, not the provisioned runtime")
+    if install.STAMP.read_text() != install.provision_fingerprint():
+        pytest.skip("the runtime predates the current requirements")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a re-run must not install anything")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+    install.provision_bare()  # returns without touching pip
