@@ -30,7 +30,7 @@ import torch
 from comfy import diffusers_convert, sd1_clip
 from comfy.ldm.models.autoencoder import AutoencoderKL
 from comfy_api.latest import io
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .checkpoint_format import (
     DIFFUSERS_DIT_MARKER,
@@ -361,17 +361,16 @@ def plan_load(parts: Parts) -> LoadPlan:
 # ---------------------------------------------------------------------------------------------------
 # Reading tensors.
 
-def read_part(part: Part, wanted: dict[str, torch.dtype | None], pbar=None, rename=None) -> dict[str, torch.Tensor]:
-    """Read the tensors of `part` whose (renamed) key is in `wanted`, cast to the dtype given there.
+def read_part(part: Part, wanted: dict[str, torch.dtype | None], pbar=None) -> dict[str, torch.Tensor]:
+    """Read the tensors of `part` whose key is in `wanted`, cast to the dtype given there (None: as stored).
 
     Each file is re-opened every ~chunk so memory-mapped pages already consumed are released.
     """
-    rename = rename or (lambda k: k)
     total = max(part.nbytes, 1)
     chunk = max(16 << 20, min(256 << 20, total // 32))
     out: dict[str, torch.Tensor] = {}
     for header in part.headers:
-        keys = [k for k in header.tensors if k.startswith(part.prefix) and rename(k[len(part.prefix):]) in wanted]
+        keys = [k for k in header.tensors if k.startswith(part.prefix) and k[len(part.prefix):] in wanted]
         i = 0
         while i < len(keys):
             mm.throw_exception_if_processing_interrupted()
@@ -380,7 +379,7 @@ def read_part(part: Part, wanted: dict[str, torch.dtype | None], pbar=None, rena
                 with safe_open(str(header.path), framework="pt", device="cpu") as f:
                     while i < len(keys) and (budget == 0 or budget < chunk):
                         key = keys[i]
-                        target = rename(key[len(part.prefix):])
+                        target = key[len(part.prefix):]
                         tensor = f.get_tensor(key)
                         dtype = wanted[target]
                         if dtype is not None and tensor.dtype != dtype and tensor.is_floating_point():
@@ -388,9 +387,7 @@ def read_part(part: Part, wanted: dict[str, torch.dtype | None], pbar=None, rena
                         out[target] = tensor
                         budget += header.tensors[key].nbytes
                         i += 1
-            except ZImageFileError:
-                raise
-            except Exception as e:  # safetensors raises its own error types for damaged data
+            except (SafetensorError, OSError, RuntimeError) as e:  # damaged data past a sound header
                 raise ZImageFileError(f"{header.path.name}: reading tensor {keys[i]!r} failed ({e}); the file is "
                                       "corrupt. Download it again.") from None
             if pbar is not None:

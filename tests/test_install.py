@@ -5,7 +5,6 @@ import importlib.util
 import subprocess
 
 import pytest
-
 from conftest import REPO_ROOT
 
 
