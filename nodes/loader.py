@@ -203,6 +203,7 @@ class Parts:
     text_encoder: Part
     vae: Part
     model_name: str
+    dit_config: dict  # inferred once while choosing the text encoder that fits
 
 
 def part_in(headers: list[SafetensorsHeader], label: str, markers: dict[str, str], prefixes) -> Part | None:
@@ -279,7 +280,7 @@ def resolve_parts(model: str, text_encoder: str, vae: str) -> Parts:
                    lambda p: infer_qwen3_config(p.shapes, p.label)["hidden_size"] == dit_config["cap_feat_dim"])
     vae_p = pick_part(vae, "vae", bundled_vae, vae_part, "VAE", model,
                       lambda p: p.shapes.get(VAE_MARKER, (0, 0))[1] == 16 if p.layout == "comfy" else True)
-    return Parts(dit, te, vae_p, model)
+    return Parts(dit, te, vae_p, model, dit_config)
 
 
 def pick_part(choice, folder, bundled, finder, what, model, fits) -> Part:
@@ -346,7 +347,7 @@ def vae_ldm_shapes(part: Part) -> dict[str, tuple]:
 
 
 def plan_load(parts: Parts) -> LoadPlan:
-    dit_config = plan_dit_config(parts.dit)
+    dit_config = parts.dit_config
     te_config = infer_qwen3_config(parts.text_encoder.shapes, parts.text_encoder.label)
     if te_config["hidden_size"] != dit_config["cap_feat_dim"]:
         raise ZImageFileError(
