@@ -6,7 +6,6 @@ Unit tests import ComfyUI in-process (CPU forced before `comfy.model_management`
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -68,6 +67,3 @@ def sampling_graph(model: str, text: str = "a red circle on a blue background", 
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": prefix}},
     })
 
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -120,12 +120,18 @@ def test_full_download_lands_in_comfyui_folders(hub, tmp_path):
         "diffusion_models", "text_encoders", "vae"}
 
 
+def write_part(models, wf, data: bytes):
+    """An interrupted earlier download: the .part file the next run resumes from."""
+    part = final(models, wf).with_name(wf.name + ".part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data)
+    return part
+
+
 def test_resume_sends_range_and_appends(hub, tmp_path):
     models = tmp_path / "models"
     wf = FILES[0]
-    part = final(models, wf).with_name(wf.name + ".part")
-    part.parent.mkdir(parents=True)
-    part.write_bytes(hub.data[wf.path][:123_456])
+    part = write_part(models, wf, hub.data[wf.path][:123_456])
     assert run(hub, models) == 0
     assert hub.gets(wf.name) == [("GET", f"/files/{wf.path}", "bytes=123456-")]
     assert final(models, wf).read_bytes() == hub.data[wf.path]
@@ -136,9 +142,7 @@ def test_server_ignoring_range_restarts_from_zero(hub, tmp_path):
     hub.ignore_range = True
     models = tmp_path / "models"
     wf = FILES[1]
-    part = final(models, wf).with_name(wf.name + ".part")
-    part.parent.mkdir(parents=True)
-    part.write_bytes(hub.data[wf.path][:50_000])
+    write_part(models, wf, hub.data[wf.path][:50_000])
     assert run(hub, models) == 0
     assert hub.gets(wf.name)[0][2] == "bytes=50000-"
     assert final(models, wf).read_bytes() == hub.data[wf.path]
@@ -147,9 +151,7 @@ def test_server_ignoring_range_restarts_from_zero(hub, tmp_path):
 def test_corrupt_part_fails_checksum_and_is_deleted(hub, tmp_path):
     models = tmp_path / "models"
     wf = FILES[2]
-    part = final(models, wf).with_name(wf.name + ".part")
-    part.parent.mkdir(parents=True)
-    part.write_bytes(b"\0" * 1000)  # right length prefix, wrong bytes
+    part = write_part(models, wf, b"\0" * 1000)  # right length prefix, wrong bytes
     assert run(hub, models) == 1
     assert not final(models, wf).exists() and not part.exists()
     assert run(hub, models) == 0  # the next run starts clean
@@ -234,6 +236,7 @@ def test_unreachable_server_is_a_one_line_error(tmp_path, capsys):
 
 def test_default_models_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delenv("ZIMAGE_COMFYUI_DIR", raising=False)
     plugin = tmp_path / "ComfyUI" / "custom_nodes" / "comfyui-zimage"
     assert download.default_models_dir(plugin) == tmp_path / "ComfyUI" / "models"
     assert download.default_models_dir(tmp_path / "repo") == tmp_path / "repo" / ".comfyui" / "models"

@@ -21,7 +21,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .runtime import REPO_ROOT, comfyui_dir
+
 DEFAULT_BASE_URL = "https://huggingface.co"
 CHUNK = 8 * 1024 * 1024
 TIMEOUT_S = 60
@@ -63,13 +64,8 @@ class DownloadError(Exception):
 
 
 def default_models_dir(root: Path = REPO_ROOT) -> Path:
-    """$COMFYUI_PATH/models, else the enclosing ComfyUI's models/, else the bare-machine runtime's."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env).expanduser() / "models"
-    if root.parent.name == "custom_nodes":
-        return root.parent.parent / "models"
-    return root / ".comfyui" / "models"
+    """The models/ folder of the ComfyUI this plugin serves (see runtime.comfyui_dir)."""
+    return comfyui_dir(root) / "models"
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

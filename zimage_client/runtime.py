@@ -8,14 +8,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def comfyui_dir() -> Path:
+def comfyui_dir(root: Path = REPO_ROOT) -> Path:
     """The ComfyUI to use: $ZIMAGE_COMFYUI_DIR / $COMFYUI_PATH, the enclosing ComfyUI, or the provisioned one."""
     for var in ("ZIMAGE_COMFYUI_DIR", "COMFYUI_PATH"):
         if os.environ.get(var):
-            return Path(os.environ[var]).resolve()
-    if REPO_ROOT.parent.name == "custom_nodes":
-        return REPO_ROOT.parent.parent
-    return REPO_ROOT / ".comfyui"
+            return Path(os.environ[var]).expanduser().resolve()
+    if root.parent.name == "custom_nodes":
+        return root.parent.parent
+    return root / ".comfyui"
 
 
 def import_comfy(cpu: bool | None = None) -> Path:
