@@ -215,20 +215,6 @@ def write_all(out: Path) -> dict[str, str]:
     return {k: str(v) for k, v in files.items()}
 
 
-RANDOM_FAMILY = {"diffusion_models": "zimage-random-tiny-turbo_bf16.safetensors",
-                 "text_encoders": "zimage-random-tiny-qwen3_bf16.safetensors",
-                 "vae": "zimage-random-tiny-ae.safetensors"}
-
-
-def write_random_family(out: Path) -> list[Path]:
-    """The randomly initialised stand-in the main job runs until trained nano weights ship."""
-    out = Path(out)
-    meta = {"zimage.variant": "turbo", "zimage.note": "random weights: a placeholder, not a trained model"}
-    return [save(out / "diffusion_models" / RANDOM_FAMILY["diffusion_models"], cast(tiny_dit(), torch.bfloat16), meta),
-            save(out / "text_encoders" / RANDOM_FAMILY["text_encoders"], cast(tiny_qwen3(), torch.bfloat16)),
-            save(out / "vae" / RANDOM_FAMILY["vae"], tiny_vae())]
-
-
 if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "fixtures-models")
     for label, path in write_all(target).items():

@@ -52,6 +52,7 @@ from .checkpoint_format import (
     infer_vae_config,
     read_header,
 )
+from .edit import ZImageEditModel
 
 log = logging.getLogger("comfyui-zimage")
 
@@ -113,7 +114,8 @@ class ZImageCheckpointLoader(io.ComfyNode):
         plan = plan_load(parts)
         pbar = comfy.utils.ProgressBar(sum(p.nbytes for p in (parts.dit, parts.text_encoder, parts.vae)))
         dit = load_diffusion_model(parts.dit, plan.dit_config, WEIGHT_DTYPES[weight_dtype],
-                                   COMPUTE_DTYPES[compute_dtype], weight_dtype.endswith("_fast"), pbar)
+                                   COMPUTE_DTYPES[compute_dtype], weight_dtype.endswith("_fast"), pbar,
+                                   reference_images=plan.variant == "edit")
         clip = load_text_encoder(parts.text_encoder, plan.text_encoder_config, pbar)
         vae_obj = load_vae(parts.vae, plan.vae_config, pbar)
         s = SAMPLING_SETTINGS[plan.variant]
@@ -437,7 +439,8 @@ def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dtype, fp8_fast: bool, pbar):
+def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dtype, fp8_fast: bool, pbar,
+                         reference_images: bool = False):
     model_config = comfy.supported_models.ZImage(dict(unet_config))
     shapes_dtypes = part.dtypes
     if "scaled_fp8" in shapes_dtypes:
@@ -462,7 +465,10 @@ def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dt
     if fp8_fast:
         model_config.optimizations["fp8"] = True
 
-    model = model_config.get_model({}, "", device=torch.device("meta"))
+    if reference_images:  # edit models take the input image from core's ReferenceLatent conditioning
+        model = ZImageEditModel(model_config, device=torch.device("meta"))
+    else:
+        model = model_config.get_model({}, "", device=torch.device("meta"))
     wanted = target_dtypes(model.diffusion_model)
     if part.layout == "diffusers":
         raw = read_part(part, {k: None for k in part.shapes}, pbar)

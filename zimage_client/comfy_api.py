@@ -68,9 +68,9 @@ class ComfyClient:
         self.timeout = timeout
 
     # -- HTTP -------------------------------------------------------------------------------------
-    def _request(self, path: str, data: bytes | None = None, method: str | None = None):
-        req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+    def _request(self, path: str, data: bytes | None = None, method: str | None = None, content_type: str | None = None):
+        headers = {"Content-Type": content_type or "application/json"} if data else {}
+        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
         try:
             return urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError:
@@ -108,6 +108,16 @@ class ComfyClient:
         query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
                                         "type": image.get("type", "output")})
         return self.get_bytes(f"/view?{query}")
+
+    def upload_image(self, name: str, data: bytes, overwrite: bool = True) -> dict:
+        """POST /upload/image (multipart, as the browser sends it); returns {"name", "subfolder", "type"}."""
+        boundary = uuid.uuid4().hex
+        fields = [(b'name="overwrite"', b"true" if overwrite else b"false"),
+                  (f'name="image"; filename="{name}"'.encode() + b"\r\nContent-Type: image/png", data)]
+        body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Disposition: form-data; " + head + b"\r\n\r\n" + value + b"\r\n"
+                        for head, value in fields) + b"--" + boundary.encode() + b"--\r\n"
+        with self._request("/upload/image", data=body, content_type=f"multipart/form-data; boundary={boundary}") as r:
+            return json.loads(r.read())
 
     def interrupt(self) -> None:
         self._request("/interrupt", data=b"{}").close()

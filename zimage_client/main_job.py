@@ -1,10 +1,10 @@
 """The main job: run the bundled turbo workflow on a headless ComfyUI and write its images to a folder.
 
-    python3 install.py run [--output-dir zimage-output] [--prompt TEXT] [--seed N] [--size 256]
+    python3 install.py run [--output-dir zimage-output] [--prompt TEXT] [--seed N] [--size 128]
 
-Starts ComfyUI on a free 127.0.0.1 port with this plugin, submits workflows/api/zimage-turbo.json to
-/prompt, follows /ws to the end, downloads the images through /view, stops the server, and prints
-where the images are.
+Starts ComfyUI on a free 127.0.0.1 port with this plugin, submits workflows/api/zimage-turbo.json (the
+shipped nano-turbo model, a Chinese prompt) to /prompt, follows /ws to the end, downloads the images
+through /view, stops the server, and prints where the images are.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from .runtime import REPO_ROOT
 from .server import ComfyServer
 
 DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "api" / "zimage-turbo.json"
-MODELS_CACHE = REPO_ROOT / ".cache" / "models"
 
 
 def nodes_of_type(prompt: dict, class_type: str) -> list[dict]:
@@ -41,13 +40,14 @@ def set_inputs(prompt: dict, text: str | None, seed: int | None, size: int | Non
     return prompt
 
 
-def ensure_models(models_dir: Path) -> None:
-    """Until the trained nano family ships, the workflow's models are a generated random stand-in."""
-    from devtools.checkpoint_fixtures import RANDOM_FAMILY, write_random_family
-
-    if not all((models_dir / kind / name).is_file() for kind, name in RANDOM_FAMILY.items()):
-        print(f"writing the random tiny Z-Image stand-in models into {models_dir}", flush=True)
-        write_random_family(models_dir)
+def upload_inputs(client, prompt: dict, workflow: Path) -> None:
+    """Upload the images LoadImage nodes name when they ship beside the workflow (the edit example)."""
+    for node in nodes_of_type(prompt, "LoadImage"):
+        for folder in (workflow.parent, workflow.parent.parent):
+            path = folder / str(node["inputs"].get("image", ""))
+            if path.is_file():
+                client.upload_image(path.name, path.read_bytes())
+                break
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,16 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     prompt = set_inputs(json.loads(Path(args.workflow).read_text()), args.prompt, args.seed, args.size)
-    ensure_models(MODELS_CACHE)
 
     with tempfile.TemporaryDirectory(prefix="zimage-main-job-") as work:
         print("starting ComfyUI (headless, 127.0.0.1) …", flush=True)
         started = time.monotonic()
         try:
-            with ComfyServer(Path(work), models_dir=MODELS_CACHE, cpu=not args.gpu) as server:
+            with ComfyServer(Path(work), cpu=not args.gpu) as server:
                 print(f"ComfyUI up at {server.url} after {time.monotonic() - started:.0f} s; submitting "
                       f"{Path(args.workflow).name}", flush=True)
                 client = server.client()
+                upload_inputs(client, prompt, Path(args.workflow))
                 result = client.run(prompt, timeout=args.timeout, on_message=_print_progress)
                 if result.status != "success":
                     error = result.error or {}

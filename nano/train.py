@@ -1,0 +1,687 @@
+"""Train the nano Z-Image family from scratch: VAE, then text encoder + nano-base, then nano-turbo and nano-edit.
+
+    python -m nano.train                       # the whole family into models/, work files in .cache/nano-train
+    python -m nano.train --quick               # a few steps on a few samples (what the test runs)
+
+Every stage is seeded and checkpoints itself (safetensors + JSON) every few minutes, so a stopped run
+resumes where it was by running the same command again; finished stages are skipped. Uses CUDA when
+torch sees it. Writes the shipped weights (fp16 safetensors with `zimage.*` metadata) and a report
+(`training-report.json`, `training-loss.png`).
+
+The models are ComfyUI's own classes (NextDiT with Z-Image modulation, its Qwen3 code, the ldm
+AutoencoderKL), so what is trained here is exactly what the loader builds at inference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from zimage_client.runtime import REPO_ROOT, import_comfy, import_plugin
+
+import_comfy()
+
+import comfy.ops  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E402
+from comfy.text_encoders.z_image import ZImageTokenizer  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from . import scenes  # noqa: E402
+
+plugin = import_plugin()
+from comfyui_zimage.nodes.edit import NextDiTWithReference  # noqa: E402
+from comfyui_zimage.nodes.loader import qwen3_model_class  # noqa: E402
+
+OPS = comfy.ops.disable_weight_init
+LATENT_SHIFT, LATENT_SCALE = 0.1159, 0.3611  # ComfyUI's Flux latent format, which Z-Image uses
+SAMPLING_SHIFT = 3.0
+
+VAE_CONFIG = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 2, 2],
+                  num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+TE_CONFIG = dict(vocab_size=151936, hidden_size=32, intermediate_size=96, num_hidden_layers=3,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+DIT_CONFIG = dict(patch_size=2, in_channels=16, dim=256, n_layers=3, n_refiner_layers=1, n_heads=4, n_kv_heads=4,
+                  multiple_of=512, ffn_dim_multiplier=2.0, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32,
+                  axes_dims=[16, 24, 24], axes_lens=[1536, 512, 512], rope_theta=256.0, z_image_modulation=True,
+                  time_scale=1000.0, pad_tokens_multiple=32)
+
+
+@dataclass
+class Plan:
+    """Sizes and step counts; `quick` shrinks everything to prove the pipeline in a minute."""
+    scenes: int = 16000
+    edit_pairs: int = 6000
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_crop: int = 48
+    decoder_steps: int = 600
+    decoder_batch: int = 8
+    base_steps: int = 4500
+    turbo_steps: int = 400
+    edit_steps: int = 1000
+    batch: int = 32
+    lr: float = 5e-4
+    zh_share: float = 0.55   # Chinese captions: at least half of training
+    drop_caption: float = 0.1  # caption dropout, so CFG has an unconditional model to push against
+    teacher_cfg: float = 4.0
+    turbo_steps_sampler: int = 8
+
+    @classmethod
+    def quick(cls):
+        return cls(scenes=48, edit_pairs=24, vae_steps=3, vae_batch=2, decoder_steps=2, decoder_batch=2, base_steps=3,
+                   turbo_steps=2, edit_steps=2, batch=4)
+
+
+def log(*args):
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules and their initialisation (ComfyUI's ops leave weights uninitialised).
+
+def init_weights(module: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+class VAE(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = Encoder(**VAE_CONFIG)
+        self.decoder = Decoder(**VAE_CONFIG)
+        z = VAE_CONFIG["z_channels"]
+        self.quant_conv = OPS.Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = OPS.Conv2d(z, z, 1)
+
+    def reset(self, seed):
+        init_weights(self, seed)
+        z = VAE_CONFIG["z_channels"]
+        with torch.no_grad():  # quant convs start as identities; `normalise_latents` makes them the latent affine
+            self.quant_conv.weight.copy_(torch.eye(2 * z)[:, :, None, None])
+            self.post_quant_conv.weight.copy_(torch.eye(z)[:, :, None, None])
+            self.encoder.conv_out.weight.mul_(0.3)
+
+    def encode(self, x):
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30, 20)
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+def make_text_encoder(seed: int, used_tokens: list[int]):
+    te = qwen3_model_class(TE_CONFIG)(config_dict={}, dtype=torch.float32, device=None, operations=OPS)
+    init_weights(te, seed)
+    with torch.no_grad():  # only the rows our captions use are non-zero: unused rows stay zero (small in git)
+        table = te.model.embed_tokens.weight
+        rows = table[used_tokens].clone()
+        table.zero_()
+        table[used_tokens] = rows
+    return te
+
+
+def encode_text(te, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Hidden states of layer -2, as ComfyUI's Z-Image encoder returns them (the model is causal, so
+    right-padding a batch leaves every caption's states as they are alone)."""
+    _, hidden = te.model(ids, intermediate_output=-2, final_layer_norm_intermediate=False)
+    return hidden
+
+
+def make_dit(seed: int):
+    dit = NextDiTWithReference(**DIT_CONFIG, operations=OPS)
+    init_weights(dit, seed)
+    with torch.no_grad():  # adaLN-Zero: the output starts at zero, the blocks' gates near zero
+        for p in list(dit.final_layer.parameters()):
+            p.zero_()
+        for layer in list(dit.layers) + list(dit.noise_refiner):
+            layer.adaLN_modulation[-1].weight.mul_(0.1)
+        dit.x_pad_token.normal_(0, 0.1)
+        dit.cap_pad_token.normal_(0, 0.1)
+    return dit
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: tensors in safetensors, everything else in JSON (no pickle anywhere).
+
+def save_checkpoint(path: Path, modules: dict, optimizer, state: dict) -> None:
+    tensors = {f"{label}.{k}": v.detach().cpu().contiguous()
+               for label, module in modules.items() for k, v in module.state_dict().items()}
+    for index, entry in optimizer.state_dict()["state"].items():
+        for k, v in entry.items():
+            tensors[f"opt.{index}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, modules: dict, optimizer) -> dict:
+    tensors = load_file(str(path))
+    for label, module in modules.items():
+        prefix = f"{label}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    sd = optimizer.state_dict()
+    sd["state"] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            sd["state"].setdefault(int(index), {})[name] = v
+    optimizer.load_state_dict(sd)
+    return json.loads(file_metadata(path)["state"])
+
+
+def file_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+class Stage:
+    """A resumable training loop: `step_fn(step) -> loss` runs `steps` times, checkpointing as it goes."""
+
+    def __init__(self, name: str, work: Path, modules: dict, optimizer, steps: int, lr: float, warmup: int = 100):
+        self.name, self.work, self.modules, self.optimizer = name, work, modules, optimizer
+        self.steps, self.lr, self.warmup = steps, lr, min(warmup, max(1, steps // 5))
+        self.path = work / f"{name}.ckpt.safetensors"
+        self.state = {"step": 0, "losses": [], "seconds": 0.0}
+        if self.path.exists():
+            self.state = load_checkpoint(self.path, modules, optimizer)
+            log(f"{name}: resuming at step {self.state['step']}/{steps}")
+
+    def learning_rate(self, step):
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def run(self, step_fn, ema=None):
+        last_save, start = time.time(), time.time() - self.state["seconds"]
+        window = []
+        while self.state["step"] < self.steps:
+            step = self.state["step"]
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.learning_rate(step) * g.get("lr_scale", 1.0)
+            loss = step_fn(step)
+            if ema is not None:
+                ema.update()
+            window.append(loss)
+            self.state["step"] = step + 1
+            if len(window) == 20 or self.state["step"] == self.steps:
+                self.state["losses"].append([self.state["step"], float(np.mean(window))])
+                log(f"{self.name} step {self.state['step']}/{self.steps} loss {np.mean(window):.4f}")
+                window = []
+            if time.time() - last_save > 180 or self.state["step"] == self.steps:
+                self.state["seconds"] = time.time() - start
+                save_checkpoint(self.path, self.modules, self.optimizer, self.state)
+                last_save = time.time()
+        return self.state
+
+
+class EMA(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__()
+        self.model, self.decay = [model], decay
+        self.shadow = torch.nn.ParameterDict()
+        for k, v in model.state_dict().items():
+            self.shadow[k.replace(".", "__")] = torch.nn.Parameter(v.detach().clone(), requires_grad=False)
+
+    @torch.no_grad()
+    def update(self):
+        for k, v in self.model[0].state_dict().items():
+            s = self.shadow[k.replace(".", "__")]
+            if v.is_floating_point():
+                s.lerp_(v, 1 - self.decay)
+
+    def state(self) -> dict:
+        return {k.replace("__", "."): v.detach().clone() for k, v in self.shadow.items()}
+
+
+def optimise(opt, loss, params) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+def make_optimizer(groups):
+    return torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0, eps=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 1: the VAE, on random crops (it is fully convolutional, and crops are 7x cheaper than whole images).
+
+def images_to_tensor(images) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def train_vae(work: Path, plan: Plan, device, seed: int) -> VAE:
+    vae = VAE()
+    vae.reset(seed)
+    vae.to(device)
+    opt = make_optimizer([{"params": vae.parameters()}])
+    stage = Stage("vae", work, {"vae": vae}, opt, plan.vae_steps, lr=1e-3)
+
+    def step_fn(step):
+        rng = random.Random(seed * 7919 + step)
+        imgs = []
+        for _ in range(plan.vae_batch):
+            scene = scenes.random_edit_pair(rng).before if rng.random() < 0.4 else scenes.random_group_scene(rng, held_out=None)
+            img = scenes.render(scene)
+            c = plan.vae_crop
+            x0, y0 = rng.randrange(0, scenes.SIZE - c + 1, 8), rng.randrange(0, scenes.SIZE - c + 1, 8)
+            imgs.append(img.crop((x0, y0, x0 + c, y0 + c)))
+        x = images_to_tensor(imgs).to(device)
+        mean, logvar = vae.encode(x)
+        eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(step), device="cpu").to(device)
+        z = mean + eps * (0.5 * logvar).exp()
+        rec = vae.decode(z)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-4 * kl
+        return optimise(opt, loss, vae.parameters())
+
+    stage.run(step_fn)
+    return vae
+
+
+def finetune_decoder(work: Path, plan: Plan, vae: VAE, device, seed: int) -> None:
+    """The encoder's mid-block attention is global, so whole images give latents that crops never showed the
+    decoder. With the encoder frozen (the data set's latents do not change), teach the decoder whole images."""
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = make_optimizer([{"params": params}])
+    stage = Stage("vae-decoder", work, {"vae": vae}, opt, plan.decoder_steps, lr=5e-4, warmup=50)
+
+    def step_fn(step):
+        rng = random.Random(seed * 7907 + step)
+        x = images_to_tensor([scenes.render(scenes.random_edit_pair(rng).after if rng.random() < 0.4 else
+                                            scenes.random_group_scene(rng, held_out=None))
+                              for _ in range(plan.decoder_batch)]).to(device)
+        with torch.no_grad():
+            mean, logvar = vae.encode(x)
+            eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(step)).to(device)
+            z = mean + 0.1 * eps * (0.5 * logvar).exp()
+        rec = vae.decode(z)
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+        return optimise(opt, loss, params)
+
+    stage.run(step_fn)
+    vae.requires_grad_(True)
+
+
+@torch.no_grad()
+def normalise_latents(vae: VAE, device, seed: int, n: int = 256) -> dict:
+    """Fold a per-channel affine into the quant convs so (latent - 0.1159) * 0.3611 is ~N(0, 1), as the
+    Flux latent format ComfyUI applies to Z-Image expects. Exact: the quant convs are 1x1."""
+    rng = random.Random(seed)
+    x = images_to_tensor([scenes.render(scenes.random_group_scene(rng, held_out=None)) for _ in range(n)]).to(device)
+    mean, _ = vae.encode(x)
+    m, s = mean.mean(dim=(0, 2, 3)), mean.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    a = 1.0 / (LATENT_SCALE * s)
+    b = LATENT_SHIFT - m * a
+    z = VAE_CONFIG["z_channels"]
+    qw, qb = vae.quant_conv.weight[:, :, 0, 0], vae.quant_conv.bias
+    scale = torch.cat([a, torch.ones_like(a)])
+    new_qw = qw * scale[:, None]
+    new_qb = qb * scale + torch.cat([b, 2 * torch.log(a)])
+    new_qw[z:] = qw[z:]
+    vae.quant_conv.weight.copy_(new_qw[:, :, None, None])
+    vae.quant_conv.bias.copy_(new_qb)
+    pw, pb = vae.post_quant_conv.weight[:, :, 0, 0], vae.post_quant_conv.bias
+    vae.post_quant_conv.weight.copy_((pw / a[None, :])[:, :, None, None])
+    vae.post_quant_conv.bias.copy_(pb - (pw * (b / a)[None, :]).sum(1))
+    return {"channel_mean": m.tolist(), "channel_std": s.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 2: the data set, rendered once and encoded to latents.
+
+class Captions:
+    """Token ids exactly as ComfyUI's Z-Image tokenizer makes them (chat template included)."""
+
+    def __init__(self):
+        self.tokenizer = ZImageTokenizer()
+        self.cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self.cache:
+            tokens = self.tokenizer.tokenize_with_weights(text)["qwen3_4b"]
+            self.cache[text] = [int(t[0]) for batch in tokens for t in batch]
+        return self.cache[text]
+
+
+@torch.no_grad()
+def build_dataset(work: Path, plan: Plan, vae: VAE, device, seed: int) -> Path:
+    path = work / "data.safetensors"
+    if path.exists():
+        return path
+    captions = Captions()
+    rng = random.Random(seed)
+    log(f"data: rendering and encoding {plan.scenes} scenes and {plan.edit_pairs} edit pairs")
+
+    def encode(images):
+        out = []
+        for i in range(0, len(images), 64):
+            mean, _ = vae.encode(images_to_tensor(images[i:i + 64]).to(device))
+            out.append(mean.half().cpu())
+        return torch.cat(out)
+
+    texts_zh, texts_en = [], []
+    images = []
+    for _ in range(plan.scenes):
+        scene = scenes.random_group_scene(rng, held_out=False)
+        images.append(scenes.render(scene))
+        texts_zh.append(scenes.caption(scene, "zh", rng))
+        texts_en.append(scenes.caption(scene, "en", rng))
+    latents = encode(images)
+    del images
+    edit_zh, edit_en, before, after = [], [], [], []
+    for _ in range(plan.edit_pairs):
+        pair = scenes.random_edit_pair(rng)
+        before.append(scenes.render(pair.before))
+        after.append(scenes.render(pair.after))
+        edit_zh.append(scenes.edit_instruction(pair, "zh", rng))
+        edit_en.append(scenes.edit_instruction(pair, "en", rng))
+    edit_before, edit_after = encode(before), encode(after)
+    del before, after
+
+    def pack(texts):
+        ids = [captions.ids(t) for t in texts]
+        longest = max(len(i) for i in ids)
+        table = torch.full((len(ids), longest), 151643, dtype=torch.int32)
+        for k, row in enumerate(ids):
+            table[k, :len(row)] = torch.tensor(row, dtype=torch.int32)
+        return table, torch.tensor([len(i) for i in ids], dtype=torch.int32)
+
+    tensors = {"latents": latents, "edit_before": edit_before, "edit_after": edit_after}
+    for name, texts in (("zh", texts_zh), ("en", texts_en), ("edit_zh", edit_zh), ("edit_en", edit_en), ("empty", [""])):
+        tensors[f"{name}.ids"], tensors[f"{name}.len"] = pack(texts)
+    save_file(tensors, str(path), metadata={"examples": json.dumps({"zh": texts_zh[:5], "en": texts_en[:5],
+                                                                     "edit_zh": edit_zh[:5], "edit_en": edit_en[:5]},
+                                                                    ensure_ascii=False)})
+    log(f"data: {len(captions.cache)} distinct captions; latent std {latents.float().std():.3f}")
+    return path
+
+
+def used_token_ids(data: dict) -> list[int]:
+    ids = set()
+    for key in ("zh.ids", "en.ids", "edit_zh.ids", "edit_en.ids", "empty.ids"):
+        ids.update(int(i) for i in torch.unique(data[key]))
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages 3-5: rectified flow on latents (base), distillation (turbo), reference-image editing (edit).
+
+def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Logit-normal timesteps, shifted by 3 as Z-Image's sampling is, so training matches where sampling spends steps."""
+    u = torch.sigmoid(torch.randn(n, generator=gen))
+    return (SAMPLING_SHIFT * u / (1 + (SAMPLING_SHIFT - 1) * u)).clamp(1e-3, 1.0)
+
+
+def schedule(steps: int) -> torch.Tensor:
+    """The sigmas ComfyUI's `simple` scheduler gives with shift 3 (what KSampler uses for these models)."""
+    t = torch.linspace(1.0, 0.0, steps + 1)[:-1]
+    s = SAMPLING_SHIFT * t / (1 + (SAMPLING_SHIFT - 1) * t)
+    return torch.cat([s, torch.zeros(1)])
+
+
+class Batches:
+    """Caption batches whose lengths round up to the same multiple of 32, so per-sample padding equals inference's."""
+
+    def __init__(self, data: dict, prefix: str, plan: Plan):
+        self.data, self.prefix, self.plan = data, prefix, plan
+        self.n = data[f"{prefix}zh.ids"].shape[0]
+
+    def pick(self, step: int, seed: int, batch: int):
+        rng = np.random.default_rng([seed, step])
+        idx = rng.integers(0, self.n, size=batch)
+        zh = rng.random(batch) < self.plan.zh_share
+        drop = rng.random(batch) < self.plan.drop_caption
+        rows, lens = [], []
+        for i, use_zh, dropped in zip(idx, zh, drop, strict=True):
+            key = "empty" if dropped else f"{self.prefix}{'zh' if use_zh else 'en'}"
+            j = 0 if dropped else i
+            rows.append(self.data[f"{key}.ids"][j])
+            lens.append(int(self.data[f"{key}.len"][j]))
+        bucket = [(n + 31) // 32 for n in lens]
+        keep = [k for k in range(batch) if bucket[k] == bucket[0]]
+        width = max(lens[k] for k in keep)
+        ids = torch.stack([torch.nn.functional.pad(rows[k][:width], (0, max(0, width - rows[k].shape[0])), value=151643)
+                           for k in keep]).long()
+        return torch.as_tensor(idx[keep]), ids, torch.tensor([lens[k] for k in keep])
+
+
+def flow_loss(dit, te, latents, ids, lens, gen, device, refs=None, te_grad=True):
+    z0 = (latents.float().to(device) - LATENT_SHIFT) * LATENT_SCALE
+    noise = torch.randn(z0.shape, generator=gen).to(device)
+    sigma = sample_sigmas(z0.shape[0], gen).to(device)
+    s = sigma.view(-1, 1, 1, 1)
+    xt = (1 - s) * z0 + s * noise
+    with torch.set_grad_enabled(te_grad):
+        ctx = encode_text(te, ids.to(device), lens)
+    out = dit(xt, sigma, ctx, ctx.shape[1], cap_lengths=lens.to(device), ref_latents=refs)
+    return (out - (noise - z0)).pow(2).mean()
+
+
+def train_base(work, plan, data, te, device, seed):
+    dit = make_dit(seed + 1).to(device)
+    ema = EMA(dit, 0.998 if plan.base_steps > 1000 else 0.9).to(device)
+    opt = make_optimizer([{"params": dit.parameters()}, {"params": te.parameters()}])
+    stage = Stage("base", work, {"dit": dit, "te": te, "ema": ema}, opt, plan.base_steps, plan.lr, warmup=200)
+    batches = Batches(data, "", plan)
+
+    def step_fn(step):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx, ids, lens = batches.pick(step, seed, plan.batch)
+        loss = flow_loss(dit, te, data["latents"][idx], ids, lens, gen, device)
+        return optimise(opt, loss, list(dit.parameters()) + list(te.parameters()))
+
+    state = stage.run(step_fn, ema)
+    dit.load_state_dict(ema.state())
+    return dit, state
+
+
+def teacher_velocity(teacher, xt, sigma, ctx, lens, unc, unc_lens, cfg):
+    both = teacher(torch.cat([xt, xt]), torch.cat([sigma, sigma]), torch.cat([ctx, unc]), ctx.shape[1],
+                   cap_lengths=torch.cat([lens, unc_lens]))
+    cond, uncond = both.chunk(2)
+    return uncond + cfg * (cond - uncond)
+
+
+def train_turbo(work, plan, data, te, teacher, device, seed):
+    """Teacher-student distillation: the student learns, at cfg 1, to cross each interval of the 8-step
+    schedule in one step, matching two guided (cfg 4) teacher steps over the same interval."""
+    student = make_dit(seed + 2).to(device)
+    student.load_state_dict(teacher.state_dict())
+    teacher.requires_grad_(False)
+    te.requires_grad_(False)
+    ema = EMA(student, 0.99 if plan.turbo_steps > 200 else 0.5).to(device)
+    opt = make_optimizer([{"params": student.parameters()}])
+    stage = Stage("turbo", work, {"dit": student, "ema": ema}, opt, plan.turbo_steps, plan.lr * 0.4, warmup=50)
+    batches = Batches(data, "", Plan(**{**plan.__dict__, "drop_caption": 0.0}))
+    sigmas = schedule(plan.turbo_steps_sampler).to(device)
+    empty_ids = data["empty.ids"][:1].long().to(device)
+    empty_len = data["empty.len"][:1]
+
+    def step_fn(step):
+        gen = torch.Generator().manual_seed(seed * 1_000_033 + step)
+        idx, ids, lens = batches.pick(step, seed + 1, plan.batch)
+        z0 = (data["latents"][idx].float().to(device) - LATENT_SHIFT) * LATENT_SCALE
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        k = torch.randint(0, plan.turbo_steps_sampler, (z0.shape[0],), generator=gen).to(device)
+        s0, s1 = sigmas[k], sigmas[k + 1]
+        x = (1 - s0.view(-1, 1, 1, 1)) * z0 + s0.view(-1, 1, 1, 1) * noise
+        with torch.no_grad():
+            ctx = encode_text(te, ids.to(device), lens)
+            unc = encode_text(te, empty_ids, empty_len).expand(ctx.shape[0], -1, -1)
+            # the empty prompt, right-padded to the batch's width (cap_lengths turns the padding into pad tokens)
+            unc = torch.nn.functional.pad(unc, (0, 0, 0, max(0, ctx.shape[1] - unc.shape[1])))[:, :ctx.shape[1]]
+            unc_lens = empty_len.expand(ctx.shape[0]).clone()
+            xs, mid = x, (s0 + s1) / 2
+            for a, b in ((s0, mid), (mid, s1)):
+                v = teacher_velocity(teacher, xs, a, ctx, lens.to(device), unc, unc_lens.to(device), plan.teacher_cfg)
+                xs = xs + (b - a).view(-1, 1, 1, 1) * v
+            target = (xs - x) / (s1 - s0).view(-1, 1, 1, 1)
+        out = student(x, s0, ctx, ctx.shape[1], cap_lengths=lens.to(device))
+        loss = (out - target).pow(2).mean()
+        return optimise(opt, loss, student.parameters())
+
+    state = stage.run(step_fn, ema)
+    student.load_state_dict(ema.state())
+    return student, state
+
+
+def train_edit(work, plan, data, te, base, device, seed):
+    """Instruction editing from nano-base: the input image's latent enters as reference tokens."""
+    dit = make_dit(seed + 3).to(device)
+    dit.load_state_dict(base.state_dict())
+    te.requires_grad_(False)
+    ema = EMA(dit, 0.995 if plan.edit_steps > 500 else 0.5).to(device)
+    opt = make_optimizer([{"params": dit.parameters()}])
+    stage = Stage("edit", work, {"dit": dit, "ema": ema}, opt, plan.edit_steps, plan.lr * 0.6, warmup=100)
+    batches = Batches(data, "edit_", plan)
+
+    def step_fn(step):
+        gen = torch.Generator().manual_seed(seed * 1_000_037 + step)
+        idx, ids, lens = batches.pick(step, seed + 2, plan.batch)
+        ref = (data["edit_before"][idx].float().to(device) - LATENT_SHIFT) * LATENT_SCALE
+        loss = flow_loss(dit, te, data["edit_after"][idx], ids, lens, gen, device, refs=[ref], te_grad=False)
+        return optimise(opt, loss, dit.parameters())
+
+    state = stage.run(step_fn, ema)
+    dit.load_state_dict(ema.state())
+    return dit, state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export and report.
+
+def fp16(module_or_sd) -> dict:
+    sd = module_or_sd if isinstance(module_or_sd, dict) else module_or_sd.state_dict()
+    return {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in sd.items()}
+
+
+def text_encoder_tensors(te) -> dict:
+    """The big embedding table in fp16; the rest (tiny) in fp32, so ComfyUI runs the encoder in fp32 as trained."""
+    return {k: v.detach().to("cpu", torch.float16 if "embed_tokens" in k else torch.float32).contiguous()
+            for k, v in te.state_dict().items()}
+
+
+def export(out: Path, te, vae, dits: dict, report: dict) -> list[Path]:
+    written = []
+    common = {"zimage.family": "nano", "zimage.trained_by": "python -m nano.train",
+              "zimage.report": json.dumps({k: report[k] for k in ("seed", "device", "minutes") if k in report})}
+    for folder, name, sd, meta in (
+        ("text_encoders", "nano_qwen3.safetensors", text_encoder_tensors(te),
+         {"zimage.config": json.dumps(TE_CONFIG)}),
+        ("vae", "nano_ae.safetensors", fp16(vae), {"zimage.config": json.dumps(VAE_CONFIG)}),
+    ):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(out / folder / name), metadata={**common, **meta})
+        written.append(out / folder / name)
+    rope = ("axes_dims", "axes_lens", "rope_theta", "time_scale")
+    dit_meta = {"zimage.dit_config": json.dumps({k: DIT_CONFIG[k] for k in rope})}
+    for variant, dit in dits.items():
+        sd = fp16(dit)
+        sd.pop("norm_final.weight", None)  # unused by NextDiT, absent from the released files
+        (out / "diffusion_models").mkdir(parents=True, exist_ok=True)
+        path = out / "diffusion_models" / f"nano_zimage_{variant}.safetensors"
+        save_file(sd, str(path), metadata={**common, **dit_meta, "zimage.variant": variant})
+        written.append(path)
+    return written
+
+
+def plot_losses(path: Path, curves: dict) -> None:
+    """Loss curves as a PNG, drawn with PIL (log-scale loss against step, one panel per stage)."""
+    from PIL import Image, ImageDraw
+    panels = [(k, v) for k, v in curves.items() if v]
+    w, h = 360, 240
+    img = Image.new("RGB", (w * max(1, len(panels)), h), "white")
+    draw = ImageDraw.Draw(img)
+    for p, (name, points) in enumerate(panels):
+        x0 = p * w
+        steps = [s for s, _ in points]
+        logs = [math.log10(max(v, 1e-6)) for _, v in points]
+        lo, hi = min(logs), max(logs) if max(logs) > min(logs) else min(logs) + 1
+        smax = max(steps) or 1
+        pts = [(x0 + 40 + (w - 60) * s / smax, h - 30 - (h - 60) * (lv - lo) / (hi - lo))
+               for s, lv in zip(steps, logs, strict=True)]
+        draw.rectangle([x0 + 40, 30, x0 + w - 20, h - 30], outline=(180, 180, 180))
+        if len(pts) > 1:
+            draw.line(pts, fill=(200, 40, 40), width=2)
+        draw.text((x0 + 45, 8), f"{name}: loss {10 ** hi:.3g} -> {10 ** logs[-1]:.3g} ({smax} steps)", fill="black")
+    img.save(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "models", help="where the weights go (models/<kind>/)")
+    ap.add_argument("--work", type=Path, default=REPO_ROOT / ".cache" / "nano-train", help="checkpoints and data")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--quick", action="store_true", help="a few steps on a few samples, to prove the pipeline")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    plan = Plan.quick() if args.quick else Plan()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    torch.manual_seed(args.seed)
+
+    vae = train_vae(args.work, plan, device, args.seed)
+    stats_path = args.work / "vae-stats.json"
+    if not stats_path.exists() or not (args.work / "vae-normalised.safetensors").exists():
+        stats = normalise_latents(vae, device, args.seed)
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(args.work / "vae-normalised.safetensors"))
+        stats_path.write_text(json.dumps(stats))
+    else:
+        vae.load_state_dict(load_file(str(args.work / "vae-normalised.safetensors")))
+    finetune_decoder(args.work, plan, vae, device, args.seed)
+    vae.eval()
+    data = load_file(str(build_dataset(args.work, plan, vae, device, args.seed)))
+    te = make_text_encoder(args.seed + 5, used_token_ids(data)).to(device)
+    base, base_state = train_base(args.work, plan, data, te, device, args.seed)
+    turbo, turbo_state = train_turbo(args.work, plan, data, te, base, device, args.seed)
+    base.requires_grad_(False)
+    edit, edit_state = train_edit(args.work, plan, data, te, base, device, args.seed)
+
+    vae_state = json.loads(file_metadata(args.work / "vae.ckpt.safetensors").get("state", "{}"))
+    decoder_state = json.loads(file_metadata(args.work / "vae-decoder.ckpt.safetensors").get("state", "{}"))
+    minutes = (time.time() - started) / 60
+    stages = (("vae", vae_state), ("vae-decoder", decoder_state), ("base", base_state), ("turbo", turbo_state),
+              ("edit", edit_state))
+    report = {"seed": args.seed, "device": str(device), "minutes": round(minutes, 1), "quick": args.quick,
+              "plan": plan.__dict__,
+              "final_loss": {k: (s["losses"][-1][1] if s["losses"] else None) for k, s in stages},
+              "stage_minutes": {k: round(s.get("seconds", 0) / 60, 1) for k, s in stages}}
+    written = export(args.out, te, vae, {"base": base, "turbo": turbo, "edit": edit}, report)
+    report["files"] = {str(p.relative_to(args.out)): p.stat().st_size for p in written}
+    report["total_mb"] = round(sum(report["files"].values()) / 2**20, 2)
+    (args.out / "training-report.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_losses(args.out / "training-loss.png", {k: s["losses"] for k, s in stages})
+    log(f"done in {minutes:.1f} min; {report['total_mb']} MB of weights in {args.out}")
+    print(json.dumps(report))
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Reference-image (edit) support for Z-Image on ComfyUI 0.3.75, which runs NextDiT without it.
+
+The input image enters the model as reference latent tokens appended after the image tokens, with their
+own RoPE offset on the first axis (image k of a prompt sits at caption_length + 1 + k), as Z-Image's
+omni/edit models do. The references come from core's `ReferenceLatent` node: `ZImageEditModel.extra_conds`
+hands them to the diffusion model, exactly as core does for Flux Kontext.
+
+Without references `NextDiTWithReference` computes exactly what core's NextDiT computes (a test checks
+it), so the training script uses it for every nano variant; `cap_lengths` lets a training batch hold
+captions of different lengths, each padded with the learned pad token as inference pads it.
+"""
+from __future__ import annotations
+
+import comfy.conds
+import comfy.ldm.common_dit
+import comfy.model_base
+import torch
+from comfy.ldm.lumina.model import NextDiT
+
+
+def _pad_tokens(tokens: torch.Tensor, pad_token: torch.Tensor, multiple: int | None) -> torch.Tensor:
+    if not multiple:
+        return tokens
+    extra = (-tokens.shape[1]) % multiple
+    pad = pad_token.to(device=tokens.device, dtype=tokens.dtype).unsqueeze(0).expand(tokens.shape[0], extra, -1)
+    return torch.cat((tokens, pad), dim=1)
+
+
+class NextDiTWithReference(NextDiT):
+    def patchify(self, latent: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        p = self.patch_size
+        latent = comfy.ldm.common_dit.pad_to_patch_size(latent, (p, p))
+        B, C, H, W = latent.shape
+        tokens = latent.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
+        return self.x_embedder(tokens), H // p, W // p
+
+    def grid_positions(self, batch: int, h: int, w: int, first_axis: float, padded_len: int, device) -> torch.Tensor:
+        pos = torch.zeros((batch, padded_len, 3), dtype=torch.float32, device=device)
+        pos[:, :h * w, 0] = first_axis
+        pos[:, :h * w, 1] = torch.arange(h, dtype=torch.float32, device=device).view(-1, 1).repeat(1, w).flatten()
+        pos[:, :h * w, 2] = torch.arange(w, dtype=torch.float32, device=device).view(1, -1).repeat(h, 1).flatten()
+        return pos
+
+    def embed_with_references(self, x, cap_feats, cap_mask, t, refs, transformer_options):
+        """patchify_and_embed for an image plus reference latents; returns the joint sequence and its RoPE."""
+        device = x.device
+        cap_feats = _pad_tokens(cap_feats, self.cap_pad_token, self.pad_tokens_multiple)
+        bsz, cap_len = cap_feats.shape[:2]
+        cap_pos = torch.zeros(bsz, cap_len, 3, dtype=torch.float32, device=device)
+        cap_pos[:, :, 0] = torch.arange(cap_len, dtype=torch.float32, device=device) + 1.0
+        pieces, positions = [], []
+        for k, latent in enumerate([x] + list(refs)):
+            tokens, h, w = self.patchify(latent.to(x.dtype))
+            tokens = _pad_tokens(tokens, self.x_pad_token, self.pad_tokens_multiple)
+            pieces.append(tokens)
+            positions.append(self.grid_positions(bsz, h, w, cap_len + 1 + k, tokens.shape[1], device))
+        freqs_cis = self.rope_embedder(torch.cat([cap_pos] + positions, dim=1)).movedim(1, 2)
+        for layer in self.context_refiner:
+            cap_feats = layer(cap_feats, cap_mask, freqs_cis[:, :cap_len], transformer_options=transformer_options)
+        image = torch.cat(pieces, dim=1)
+        for layer in self.noise_refiner:
+            image = layer(image, None, freqs_cis[:, cap_len:], t, transformer_options=transformer_options)
+        return torch.cat((cap_feats, image), dim=1), freqs_cis, cap_len
+
+    def _forward(self, x, timesteps, context, num_tokens, attention_mask=None, ref_latents=None, cap_lengths=None, **kwargs):
+        transformer_options = kwargs.get("transformer_options", {})
+        bs, c, h, w = x.shape
+        x = comfy.ldm.common_dit.pad_to_patch_size(x, (self.patch_size, self.patch_size))
+        t = self.t_embedder((1.0 - timesteps) * self.time_scale, dtype=x.dtype)
+        cap_feats = self.cap_embedder(context)
+        if cap_lengths is not None:
+            keep = torch.arange(cap_feats.shape[1], device=x.device)[None] < cap_lengths.to(x.device)[:, None]
+            cap_feats = torch.where(keep[..., None], cap_feats, self.cap_pad_token.to(cap_feats.dtype))
+        if ref_latents:
+            x, freqs_cis, cap_len = self.embed_with_references(x, cap_feats, attention_mask, t, ref_latents, transformer_options)
+            img_size, cap_size = [(h + (-h) % self.patch_size, w + (-w) % self.patch_size)] * bs, [cap_len] * bs
+        else:
+            x, _, img_size, cap_size, freqs_cis = self.patchify_and_embed(x, cap_feats, attention_mask, t, num_tokens,
+                                                                            transformer_options=transformer_options)
+        freqs_cis = freqs_cis.to(x.device)
+        for layer in self.layers:
+            x = layer(x, None, freqs_cis, t, transformer_options=transformer_options)
+        x = self.final_layer(x, t)
+        x = self.unpatchify(x, img_size, cap_size, return_tensor=True)[:, :, :h, :w]
+        return -x
+
+
+class ZImageEditModel(comfy.model_base.Lumina2):
+    """Core's Lumina2/Z-Image model, plus reference latents from the conditioning (core `ReferenceLatent`)."""
+
+    def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLOW, device=None):
+        comfy.model_base.BaseModel.__init__(self, model_config, model_type, device=device, unet_model=NextDiTWithReference)
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        refs = kwargs.get("reference_latents", None)
+        if refs is not None:
+            out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in refs])
+        return out
