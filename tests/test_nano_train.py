@@ -27,7 +27,14 @@ def shapes(path: Path) -> dict:
 
 
 def digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.safetensors"))}
+    """File -> hash of its tensors (the metadata holds the run's duration, which differs)."""
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        h = hashlib.sha256()
+        for name, tensor in sorted(load_file(str(path)).items()):
+            h.update(name.encode() + tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else name.encode())
+        out[str(path.relative_to(folder))] = h.hexdigest()
+    return out
 
 
 def train(out: Path, work: Path) -> str:
