@@ -27,12 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from zimage_client.runtime import REPO_ROOT, import_comfy, import_plugin  # noqa: E402
 
 import_comfy(cpu=True)
-plugin = import_plugin()
+import_plugin()
 
 import comfy.sample  # noqa: E402
 import folder_paths  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from comfy_extras.nodes_edit_model import ReferenceLatent  # noqa: E402
 from comfyui_zimage.nodes.loader import ZImageCheckpointLoader  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -49,8 +50,8 @@ def load(variant: str):
 
 def encode(clip, text: str, reference=None):
     cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    if reference is not None:  # what core's ReferenceLatent node does
-        cond = [[c, {**d, "reference_latents": [reference]}] for c, d in cond]
+    if reference is not None:  # core's node, as the edit workflow wires it
+        cond = ReferenceLatent.execute(cond, {"samples": reference}).result[0]
     return cond
 
 

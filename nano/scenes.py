@@ -7,8 +7,9 @@ photo's), `caption` words it in either language. Some attribute combinations are
 from __future__ import annotations
 
 import hashlib
+import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -65,7 +66,6 @@ class Scene:
     count: int = 1
     position: str = ""
     size: str = ""
-    extras: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 def combo_key(shape, colour, background, count, position) -> str:
@@ -199,7 +199,6 @@ def edit_instruction(pair: EditPair, lang: str, rng: random.Random | None = None
 # Rendering.
 
 def shape_polygon(item: Item, side: float):
-    import math
     cx, cy, r = item.x * side, item.y * side, item.radius * side
     if item.shape == "square":
         h = r * 0.9

@@ -19,7 +19,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from zimage_client.runtime import REPO_ROOT, import_comfy, import_plugin
@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from . import scenes  # noqa: E402
 
-plugin = import_plugin()
+import_plugin()
 from comfyui_zimage.nodes.edit import NextDiTWithReference  # noqa: E402
 from comfyui_zimage.nodes.loader import qwen3_model_class  # noqa: E402
 
@@ -135,7 +135,7 @@ def make_text_encoder(seed: int, used_tokens: list[int]):
     return te
 
 
-def encode_text(te, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def encode_text(te, ids: torch.Tensor) -> torch.Tensor:
     """Hidden states of layer -2, as ComfyUI's Z-Image encoder returns them (the model is causal, so
     right-padding a batch leaves every caption's states as they are alone)."""
     _, hidden = te.model(ids, intermediate_output=-2, final_layer_norm_intermediate=False)
@@ -475,7 +475,7 @@ def flow_loss(dit, te, latents, ids, lens, gen, device, refs=None, te_grad=True)
     s = sigma.view(-1, 1, 1, 1)
     xt = (1 - s) * z0 + s * noise
     with torch.set_grad_enabled(te_grad):
-        ctx = encode_text(te, ids.to(device), lens)
+        ctx = encode_text(te, ids.to(device))
     out = dit(xt, sigma, ctx, ctx.shape[1], cap_lengths=lens.to(device), ref_latents=refs)
     return (out - (noise - z0)).pow(2).mean()
 
@@ -515,9 +515,10 @@ def train_turbo(work, plan, data, te, teacher, device, seed):
     ema = EMA(student, 0.99 if plan.turbo_steps > 200 else 0.5).to(device)
     opt = make_optimizer([{"params": student.parameters()}])
     stage = Stage("turbo", work, {"dit": student, "ema": ema}, opt, plan.turbo_steps, plan.lr * 0.4, warmup=50)
-    batches = Batches(data, "", Plan(**{**plan.__dict__, "drop_caption": 0.0}))
+    batches = Batches(data, "", replace(plan, drop_caption=0.0))
     sigmas = schedule(plan.turbo_steps_sampler).to(device)
-    empty_ids = data["empty.ids"][:1].long().to(device)
+    with torch.no_grad():  # the empty prompt, for the teacher's unconditional half (the encoder is frozen)
+        empty = encode_text(te, data["empty.ids"][:1].long().to(device))
     empty_len = data["empty.len"][:1]
 
     def step_fn(step):
@@ -529,8 +530,8 @@ def train_turbo(work, plan, data, te, teacher, device, seed):
         s0, s1 = sigmas[k], sigmas[k + 1]
         x = (1 - s0.view(-1, 1, 1, 1)) * z0 + s0.view(-1, 1, 1, 1) * noise
         with torch.no_grad():
-            ctx = encode_text(te, ids.to(device), lens)
-            unc = encode_text(te, empty_ids, empty_len).expand(ctx.shape[0], -1, -1)
+            ctx = encode_text(te, ids.to(device))
+            unc = empty.expand(ctx.shape[0], -1, -1)
             # the empty prompt, right-padded to the batch's width (cap_lengths turns the padding into pad tokens)
             unc = torch.nn.functional.pad(unc, (0, 0, 0, max(0, ctx.shape[1] - unc.shape[1])))[:, :ctx.shape[1]]
             unc_lens = empty_len.expand(ctx.shape[0]).clone()

@@ -72,8 +72,9 @@ class NextDiTWithReference(NextDiT):
             keep = torch.arange(cap_feats.shape[1], device=x.device)[None] < cap_lengths.to(x.device)[:, None]
             cap_feats = torch.where(keep[..., None], cap_feats, self.cap_pad_token.to(cap_feats.dtype))
         if ref_latents:
+            img_size = [tuple(x.shape[-2:])] * bs  # padded to the patch size
             x, freqs_cis, cap_len = self.embed_with_references(x, cap_feats, attention_mask, t, ref_latents, transformer_options)
-            img_size, cap_size = [(h + (-h) % self.patch_size, w + (-w) % self.patch_size)] * bs, [cap_len] * bs
+            cap_size = [cap_len] * bs
         else:
             x, _, img_size, cap_size, freqs_cis = self.patchify_and_embed(x, cap_feats, attention_mask, t, num_tokens,
                                                                             transformer_options=transformer_options)
