@@ -44,6 +44,258 @@ class TiledVAEError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Nodes.
+
+TILE_TOOLTIP = ("Tile side in pixels. 'auto' picks the largest tile (up to 1024) whose working memory, by the VAE's "
+                "own estimate, fits what is free now (CUDA free memory, or available RAM on the CPU). Smaller tiles "
+                "need less memory and add a little time; the result does not depend on the tile size. A tile that "
+                "still runs out of memory is halved and retried.")
+KEEP_TOOLTIP = ("Where whole activations wait between layers. auto: on the GPU when they fit in half its free "
+                "memory, else in RAM. gpu: fastest, needs the most GPU memory. ram: the least GPU memory (only "
+                "one tile's work is on the GPU), at the cost of copies over PCIe. Same result either way.")
+VAE_TOOLTIP = "Any image AutoencoderKL: the Flux/Z-Image VAE, the nano VAE, SD's VAE."
+
+
+def vae_and_tiling_inputs() -> list:
+    return [io.Vae.Input("vae", tooltip=VAE_TOOLTIP),
+            io.Combo.Input("tile_size", options=list(TILE_SIZES), default=AUTO, tooltip=TILE_TOOLTIP),
+            io.Combo.Input("keep_activations", options=list(KEEP), default="auto", tooltip=KEEP_TOOLTIP, optional=True)]
+
+
+class ZImageTiledVAEDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageTiledVAEDecode",
+            display_name="Z-Image Tiled VAE Decode",
+            category="Z-Image/latent",
+            description="Decodes latents in tiles, layer by layer, with whole-image GroupNorm statistics and global "
+                        "attention: seamless by construction and equal to a full decode, in a fraction of its "
+                        "memory, and faster than core's tiled decode (which decodes three tilings).",
+            inputs=[
+                io.Latent.Input("samples"),
+                *vae_and_tiling_inputs(),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE")],
+        )
+
+    @classmethod
+    def execute(cls, samples, vae, tile_size, keep_activations="auto") -> io.NodeOutput:
+        latent = samples["samples"]
+        if getattr(latent, "is_nested", False):
+            raise TiledVAEError("Nested (multi-resolution) latents are not supported; decode them with core VAE Decode.")
+        images = tiled_decode(vae, latent, tile_size, keep_activations)
+        return io.NodeOutput(images)
+
+
+class ZImageTiledVAEEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageTiledVAEEncode",
+            display_name="Z-Image Tiled VAE Encode",
+            category="Z-Image/latent",
+            description="Encodes large images in tiles, layer by layer, with whole-image GroupNorm statistics and "
+                        "global attention: equal to a full encode, in a fraction of its memory (for the edit "
+                        "pipeline's input images).",
+            inputs=[
+                io.Image.Input("pixels"),
+                *vae_and_tiling_inputs(),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT")],
+        )
+
+    @classmethod
+    def execute(cls, pixels, vae, tile_size, keep_activations="auto") -> io.NodeOutput:
+        return io.NodeOutput({"samples": tiled_encode(vae, pixels, tile_size, keep_activations)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode and encode: the entry points the nodes call.
+
+def tiled_decode(vae, samples: torch.Tensor, tile_size="auto", keep: str = "auto") -> torch.Tensor:
+    """Decode a latent to a ComfyUI IMAGE (B, H, W, 3), equal to `vae.decode` up to rounding."""
+    vae.throw_exception_if_invalid()
+    model = autoencoder_of(vae)
+    check_latent(vae, samples)
+    tile = parse_tile_size(tile_size)
+    _, _, h, w = samples.shape
+    dec: Decoder = model.decoder
+    scale = 2 ** (dec.num_resolutions - 1)
+
+    def work(budget: Budget) -> torch.Tensor:
+        z = samples.to(budget.device, budget.dtype)
+        if budget.whole:
+            out = model.decode(z).to(mm.intermediate_device()).float()
+            budget.tick()
+            return out
+        return decode_exact(model, z, budget)
+
+    def steps(budget: Budget) -> int:
+        """A statistics pass for each level's first input, two passes per block, then conv_out."""
+        if budget.whole:
+            return 1
+        total, hh, ww = 0, h, w
+        for i_level in reversed(range(dec.num_resolutions)):
+            total += count_tiles(budget, hh, ww) * (1 + 2 * len(dec.up[i_level].block))
+            if i_level != 0:
+                hh, ww = 2 * hh, 2 * ww
+        return total + count_tiles(budget, hh, ww)
+
+    out = run_tiled(vae, work, samples.shape, tile, keep, steps, max(h, w) * scale,
+                    stored_bytes(model, samples.shape, vae.vae_dtype))
+    return vae.process_output(out).movedim(1, -1)
+
+
+def tiled_encode(vae, pixels: torch.Tensor, tile_size="auto", keep: str = "auto") -> torch.Tensor:
+    """Encode a ComfyUI IMAGE (B, H, W, C) to a latent, cropped to a multiple of 8 as core crops; equal to
+    `vae.encode` up to rounding."""
+    vae.throw_exception_if_invalid()
+    model = autoencoder_of(vae)
+    if pixels.ndim != 4 or pixels.shape[0] == 0:
+        raise TiledVAEError(f"The image has shape {tuple(pixels.shape)}; expected a non-empty batch (batch, height, "
+                            "width, channels).")
+    if pixels.shape[-1] < 3:
+        raise TiledVAEError(f"The image has {pixels.shape[-1]} channels; the VAE needs RGB.")
+    pixels = vae.vae_encode_crop_pixels(pixels[..., :3])
+    if pixels.shape[1] < 8 or pixels.shape[2] < 8:
+        raise TiledVAEError(f"The image is {pixels.shape[2]}x{pixels.shape[1]} pixels; the VAE needs at least 8x8.")
+    tile = parse_tile_size(tile_size)
+    b, h, w, _ = pixels.shape
+    latent_shape = (b, vae.latent_channels, h // 8, w // 8)
+    enc: Encoder = model.encoder
+
+    def work(budget: Budget) -> torch.Tensor:
+        if budget.whole:
+            x = vae.process_input(pixels.to(budget.device).movedim(-1, 1)).to(budget.dtype)
+            z = model.encode(x).to(mm.intermediate_device()).float()
+            budget.tick()
+            return z
+        field = Pixels(pixels, vae.process_input, budget.device, budget.dtype)
+        return encode_exact(model, field, budget).to(mm.intermediate_device()).float()
+
+    def steps(budget: Budget) -> int:
+        """Per level: a statistics pass for its first input, two passes per block."""
+        if budget.whole:
+            return 1
+        total, hh, ww = 0, h, w
+        for i_level in range(enc.num_resolutions):
+            total += count_tiles(budget, hh, ww) * (1 + 2 * len(enc.down[i_level].block))
+            hh, ww = hh // 2, ww // 2
+        return total
+
+    return run_tiled(vae, work, latent_shape, tile, keep, steps, max(h, w),
+                     stored_bytes(model, latent_shape, vae.vae_dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks, sizes and the retry loop.
+
+def autoencoder_of(vae) -> AutoencodingEngineLegacy:
+    model = getattr(vae, "first_stage_model", None)
+    if not isinstance(model, AutoencodingEngineLegacy) or not isinstance(model.decoder, Decoder) \
+            or getattr(model, "bn", None) is not None or model.decoder.conv_in.weight.ndim != 4:
+        kind = type(model).__name__ if model is not None else "no model"
+        raise TiledVAEError(f"This VAE ({kind}) is not an image AutoencoderKL (SD, SDXL, Flux, Z-Image); the Z-Image "
+                            "tiled VAE nodes only run those. Use core VAE Decode (Tiled) for video or other VAEs.")
+    return model
+
+
+def check_latent(vae, samples: torch.Tensor) -> None:
+    if samples.ndim == 5:
+        raise TiledVAEError(f"The latent is 5-D {tuple(samples.shape)} (a video latent); this node decodes images. "
+                            "Use a video VAE decode node, or pick one frame first.")
+    if samples.ndim != 4:
+        raise TiledVAEError(f"The latent has shape {tuple(samples.shape)}; an image latent is (batch, channels, height, width).")
+    if samples.shape[0] == 0:
+        raise TiledVAEError("The latent batch is empty (0 images); nothing to decode. Check the node that makes it.")
+    channels = getattr(vae, "latent_channels", samples.shape[1])
+    if samples.shape[1] != channels:
+        hint = " (an SD1/SDXL latent)" if samples.shape[1] == 4 else ""
+        raise TiledVAEError(f"The latent has {samples.shape[1]} channels{hint} but this VAE takes {channels}. Decode it "
+                            f"with the VAE of the model that made it.")
+    if samples.shape[2] < 1 or samples.shape[3] < 1:
+        raise TiledVAEError(f"The latent has no pixels {tuple(samples.shape)}.")
+
+
+def parse_tile_size(tile_size: str | int) -> int | None:
+    """None for auto; else pixels, a multiple of 8 no smaller than MIN_TILE."""
+    if str(tile_size).strip().lower() == AUTO:
+        return None
+    try:
+        value = int(str(tile_size).strip())
+    except ValueError:
+        raise TiledVAEError(f"tile_size {tile_size!r} is not a number; choose 'auto' or a size in pixels such as 512.") from None
+    if value < MIN_TILE:
+        raise TiledVAEError(f"tile_size {value} is below the minimum of {MIN_TILE} pixels; choose 'auto' or {MIN_TILE} or more.")
+    return value - value % 8
+
+
+def auto_tile(vae, latent_shape, device, store_bytes: int) -> int:
+    """The largest tile whose working memory, by the VAE's own estimate, fits what is free after the stored
+    activations (CUDA free memory, or available RAM on the CPU)."""
+    free = mm.get_free_memory(device) - store_bytes
+    side = max(latent_shape[2], latent_shape[3]) * 8
+    for pixels in (1024, 768, 512, 384, 256, 128):
+        lat = pixels // 8
+        if vae.memory_used_decode((latent_shape[0], latent_shape[1], lat, lat), vae.vae_dtype) <= 0.5 * free \
+                or pixels == 128:
+            return min(pixels, max(MIN_TILE, side))
+    return 128
+
+
+def stored_bytes(model, latent_shape, dtype) -> int:
+    """The most the exact mode keeps at once: at some level, a block's hidden and output activations plus the
+    half-size input its first block recomputes the upsampling from."""
+    dec: Decoder = model.decoder
+    b, _, h, w = latent_shape
+    size = torch.finfo(dtype).bits // 8
+    most = 0
+    for i, level in enumerate(dec.up):
+        pixels = b * h * w * 4 ** (dec.num_resolutions - 1 - i)
+        source = pixels // 4 if i < dec.num_resolutions - 1 else pixels
+        most = max(most, pixels * 2 * level.block[-1].out_channels + source * level.block[0].in_channels)
+    return most * size
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def run_tiled(vae, work: Callable[[Budget], torch.Tensor], latent_shape, tile: int | None, keep: str,
+              steps: Callable[[Budget], int], image_side: int, store_bytes: int) -> torch.Tensor:
+    """Load the VAE, pick a tile size and a home for whole activations, run `work`, and on running out of
+    memory move activations to RAM, then halve the tile, until it fits or the tile reaches the minimum."""
+    device, dtype = vae.device, vae.vae_dtype
+    mm.load_models_gpu([vae.patcher], memory_required=store_bytes, force_full_load=getattr(vae, "disable_offload", False))
+    if keep not in KEEP:
+        raise TiledVAEError(f"keep_activations {keep!r} is not one of {', '.join(KEEP)}.")
+    on_device = device.type != "cpu" and (keep == "gpu" or (keep == "auto" and store_bytes < 0.6 * mm.get_free_memory(device)))
+    store = device if on_device else torch.device("cpu")
+    if tile is None:
+        tile = auto_tile(vae, latent_shape, device, store_bytes if store == device or device.type == "cpu" else 0)
+    while True:
+        budget = Budget(device, dtype, store, tile, image_side)
+        budget.pbar = comfy.utils.ProgressBar(steps(budget))
+        try:
+            with torch.inference_mode():
+                return work(budget)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
+            if not is_oom(e):
+                raise
+        mm.soft_empty_cache(True)
+        if store.type != "cpu":
+            store = torch.device("cpu")
+            log.warning("Tiled VAE: out of memory; keeping whole activations in RAM instead and retrying")
+        elif tile // 2 >= MIN_TILE:
+            tile = tile // 2 - (tile // 2) % 8
+            log.warning("Tiled VAE: out of memory; retrying with %d px tiles", tile)
+        else:
+            raise TiledVAEError(f"Out of memory even with {tile} px tiles and activations in RAM. Free memory (close "
+                                "other programs, unload models) or run ComfyUI with --cpu-vae.")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Fields: a (B, C, H, W) activation that can be read region by region, stored or computed on demand.
 
 Region = tuple[int, int, int, int]  # y0, y1, x0, x1 (clipped to the field by the reader)
@@ -351,252 +603,3 @@ def encode_exact(model: AutoencodingEngineLegacy, pixels: Field, budget: Budget)
     z = model.quant_conv(h)
     z, _ = model.regularization(z)
     return z
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checks, sizes and the retry loop.
-
-def autoencoder_of(vae) -> AutoencodingEngineLegacy:
-    model = getattr(vae, "first_stage_model", None)
-    if not isinstance(model, AutoencodingEngineLegacy) or not isinstance(model.decoder, Decoder) \
-            or getattr(model, "bn", None) is not None or model.decoder.conv_in.weight.ndim != 4:
-        kind = type(model).__name__ if model is not None else "no model"
-        raise TiledVAEError(f"This VAE ({kind}) is not an image AutoencoderKL (SD, SDXL, Flux, Z-Image); the Z-Image "
-                            "tiled VAE nodes only run those. Use core VAE Decode (Tiled) for video or other VAEs.")
-    return model
-
-
-def check_latent(vae, samples: torch.Tensor) -> None:
-    if samples.ndim == 5:
-        raise TiledVAEError(f"The latent is 5-D {tuple(samples.shape)} (a video latent); this node decodes images. "
-                            "Use a video VAE decode node, or pick one frame first.")
-    if samples.ndim != 4:
-        raise TiledVAEError(f"The latent has shape {tuple(samples.shape)}; an image latent is (batch, channels, height, width).")
-    if samples.shape[0] == 0:
-        raise TiledVAEError("The latent batch is empty (0 images); nothing to decode. Check the node that makes it.")
-    channels = getattr(vae, "latent_channels", samples.shape[1])
-    if samples.shape[1] != channels:
-        hint = " (an SD1/SDXL latent)" if samples.shape[1] == 4 else ""
-        raise TiledVAEError(f"The latent has {samples.shape[1]} channels{hint} but this VAE takes {channels}. Decode it "
-                            f"with the VAE of the model that made it.")
-    if samples.shape[2] < 1 or samples.shape[3] < 1:
-        raise TiledVAEError(f"The latent has no pixels {tuple(samples.shape)}.")
-
-
-def parse_tile_size(tile_size: str | int) -> int | None:
-    """None for auto; else pixels, a multiple of 8 no smaller than MIN_TILE."""
-    if str(tile_size).strip().lower() == AUTO:
-        return None
-    try:
-        value = int(str(tile_size).strip())
-    except ValueError:
-        raise TiledVAEError(f"tile_size {tile_size!r} is not a number; choose 'auto' or a size in pixels such as 512.") from None
-    if value < MIN_TILE:
-        raise TiledVAEError(f"tile_size {value} is below the minimum of {MIN_TILE} pixels; choose 'auto' or {MIN_TILE} or more.")
-    return value - value % 8
-
-
-def auto_tile(vae, latent_shape, device, store_bytes: int) -> int:
-    """The largest tile whose working memory, by the VAE's own estimate, fits what is free after the stored
-    activations (CUDA free memory, or available RAM on the CPU)."""
-    free = mm.get_free_memory(device) - store_bytes
-    side = max(latent_shape[2], latent_shape[3]) * 8
-    for pixels in (1024, 768, 512, 384, 256, 128):
-        lat = pixels // 8
-        if vae.memory_used_decode((latent_shape[0], latent_shape[1], lat, lat), vae.vae_dtype) <= 0.5 * free \
-                or pixels == 128:
-            return min(pixels, max(MIN_TILE, side))
-    return 128
-
-
-def stored_bytes(model, latent_shape, dtype) -> int:
-    """The most the exact mode keeps at once: at some level, a block's hidden and output activations plus the
-    half-size input its first block recomputes the upsampling from."""
-    dec: Decoder = model.decoder
-    b, _, h, w = latent_shape
-    size = torch.finfo(dtype).bits // 8
-    most = 0
-    for i, level in enumerate(dec.up):
-        pixels = b * h * w * 4 ** (dec.num_resolutions - 1 - i)
-        source = pixels // 4 if i < dec.num_resolutions - 1 else pixels
-        most = max(most, pixels * 2 * level.block[-1].out_channels + source * level.block[0].in_channels)
-    return most * size
-
-
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
-
-
-def run_tiled(vae, work: Callable[[Budget], torch.Tensor], latent_shape, tile: int | None, keep: str,
-              steps: Callable[[Budget], int], image_side: int, store_bytes: int) -> torch.Tensor:
-    """Load the VAE, pick a tile size and a home for whole activations, run `work`, and on running out of
-    memory move activations to RAM, then halve the tile, until it fits or the tile reaches the minimum."""
-    device, dtype = vae.device, vae.vae_dtype
-    mm.load_models_gpu([vae.patcher], memory_required=store_bytes, force_full_load=getattr(vae, "disable_offload", False))
-    if keep not in KEEP:
-        raise TiledVAEError(f"keep_activations {keep!r} is not one of {', '.join(KEEP)}.")
-    on_device = device.type != "cpu" and (keep == "gpu" or (keep == "auto" and store_bytes < 0.6 * mm.get_free_memory(device)))
-    store = device if on_device else torch.device("cpu")
-    if tile is None:
-        tile = auto_tile(vae, latent_shape, device, store_bytes if store == device or device.type == "cpu" else 0)
-    while True:
-        budget = Budget(device, dtype, store, tile, image_side)
-        budget.pbar = comfy.utils.ProgressBar(steps(budget))
-        try:
-            with torch.inference_mode():
-                return work(budget)
-        except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
-            if not is_oom(e):
-                raise
-        mm.soft_empty_cache(True)
-        if store.type != "cpu":
-            store = torch.device("cpu")
-            log.warning("Tiled VAE: out of memory; keeping whole activations in RAM instead and retrying")
-        elif tile // 2 >= MIN_TILE:
-            tile = tile // 2 - (tile // 2) % 8
-            log.warning("Tiled VAE: out of memory; retrying with %d px tiles", tile)
-        else:
-            raise TiledVAEError(f"Out of memory even with {tile} px tiles and activations in RAM. Free memory (close "
-                                "other programs, unload models) or run ComfyUI with --cpu-vae.")
-
-
-def tiled_decode(vae, samples: torch.Tensor, tile_size="auto", keep: str = "auto") -> torch.Tensor:
-    """Decode a latent to a ComfyUI IMAGE (B, H, W, 3), equal to `vae.decode` up to rounding."""
-    vae.throw_exception_if_invalid()
-    model = autoencoder_of(vae)
-    check_latent(vae, samples)
-    tile = parse_tile_size(tile_size)
-    _, _, h, w = samples.shape
-    dec: Decoder = model.decoder
-    scale = 2 ** (dec.num_resolutions - 1)
-
-    def work(budget: Budget) -> torch.Tensor:
-        z = samples.to(budget.device, budget.dtype)
-        if budget.whole:
-            out = model.decode(z).to(mm.intermediate_device()).float()
-            budget.tick()
-            return out
-        return decode_exact(model, z, budget)
-
-    def steps(budget: Budget) -> int:
-        """A statistics pass for each level's first input, two passes per block, then conv_out."""
-        if budget.whole:
-            return 1
-        total, hh, ww = 0, h, w
-        for i_level in reversed(range(dec.num_resolutions)):
-            total += count_tiles(budget, hh, ww) * (1 + 2 * len(dec.up[i_level].block))
-            if i_level != 0:
-                hh, ww = 2 * hh, 2 * ww
-        return total + count_tiles(budget, hh, ww)
-
-    out = run_tiled(vae, work, samples.shape, tile, keep, steps, max(h, w) * scale,
-                    stored_bytes(model, samples.shape, vae.vae_dtype))
-    return vae.process_output(out).movedim(1, -1)
-
-
-def tiled_encode(vae, pixels: torch.Tensor, tile_size="auto", keep: str = "auto") -> torch.Tensor:
-    """Encode a ComfyUI IMAGE (B, H, W, C) to a latent, cropped to a multiple of 8 as core crops; equal to
-    `vae.encode` up to rounding."""
-    vae.throw_exception_if_invalid()
-    model = autoencoder_of(vae)
-    if pixels.ndim != 4 or pixels.shape[0] == 0:
-        raise TiledVAEError(f"The image has shape {tuple(pixels.shape)}; expected a non-empty batch (batch, height, "
-                            "width, channels).")
-    if pixels.shape[-1] < 3:
-        raise TiledVAEError(f"The image has {pixels.shape[-1]} channels; the VAE needs RGB.")
-    pixels = vae.vae_encode_crop_pixels(pixels[..., :3])
-    if pixels.shape[1] < 8 or pixels.shape[2] < 8:
-        raise TiledVAEError(f"The image is {pixels.shape[2]}x{pixels.shape[1]} pixels; the VAE needs at least 8x8.")
-    tile = parse_tile_size(tile_size)
-    b, h, w, _ = pixels.shape
-    latent_shape = (b, vae.latent_channels, h // 8, w // 8)
-    enc: Encoder = model.encoder
-
-    def work(budget: Budget) -> torch.Tensor:
-        if budget.whole:
-            x = vae.process_input(pixels.to(budget.device).movedim(-1, 1)).to(budget.dtype)
-            z = model.encode(x).to(mm.intermediate_device()).float()
-            budget.tick()
-            return z
-        field = Pixels(pixels, vae.process_input, budget.device, budget.dtype)
-        return encode_exact(model, field, budget).to(mm.intermediate_device()).float()
-
-    def steps(budget: Budget) -> int:
-        """Per level: a statistics pass for its first input, two passes per block."""
-        if budget.whole:
-            return 1
-        total, hh, ww = 0, h, w
-        for i_level in range(enc.num_resolutions):
-            total += count_tiles(budget, hh, ww) * (1 + 2 * len(enc.down[i_level].block))
-            hh, ww = hh // 2, ww // 2
-        return total
-
-    return run_tiled(vae, work, latent_shape, tile, keep, steps, max(h, w),
-                     stored_bytes(model, latent_shape, vae.vae_dtype))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Nodes.
-
-TILE_TOOLTIP = ("Tile side in pixels. 'auto' picks the largest tile (up to 1024) whose working memory, by the VAE's "
-                "own estimate, fits what is free now (CUDA free memory, or available RAM on the CPU). Smaller tiles "
-                "need less memory and add a little time; the result does not depend on the tile size. A tile that "
-                "still runs out of memory is halved and retried.")
-KEEP_TOOLTIP = ("Where whole activations wait between layers. auto: on the GPU when they fit in half its free "
-                "memory, else in RAM. gpu: fastest, needs the most GPU memory. ram: the least GPU memory (only "
-                "one tile's work is on the GPU), at the cost of copies over PCIe. Same result either way.")
-VAE_TOOLTIP = "Any image AutoencoderKL: the Flux/Z-Image VAE, the nano VAE, SD's VAE."
-
-
-def vae_and_tiling_inputs() -> list:
-    return [io.Vae.Input("vae", tooltip=VAE_TOOLTIP),
-            io.Combo.Input("tile_size", options=list(TILE_SIZES), default=AUTO, tooltip=TILE_TOOLTIP),
-            io.Combo.Input("keep_activations", options=list(KEEP), default="auto", tooltip=KEEP_TOOLTIP, optional=True)]
-
-
-class ZImageTiledVAEDecode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="ZImageTiledVAEDecode",
-            display_name="Z-Image Tiled VAE Decode",
-            category="Z-Image/latent",
-            description="Decodes latents in tiles, layer by layer, with whole-image GroupNorm statistics and global "
-                        "attention: seamless by construction and equal to a full decode, in a fraction of its "
-                        "memory, and faster than core's tiled decode (which decodes three tilings).",
-            inputs=[
-                io.Latent.Input("samples"),
-                *vae_and_tiling_inputs(),
-            ],
-            outputs=[io.Image.Output(display_name="IMAGE")],
-        )
-
-    @classmethod
-    def execute(cls, samples, vae, tile_size, keep_activations="auto") -> io.NodeOutput:
-        latent = samples["samples"]
-        if getattr(latent, "is_nested", False):
-            raise TiledVAEError("Nested (multi-resolution) latents are not supported; decode them with core VAE Decode.")
-        images = tiled_decode(vae, latent, tile_size, keep_activations)
-        return io.NodeOutput(images)
-
-
-class ZImageTiledVAEEncode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="ZImageTiledVAEEncode",
-            display_name="Z-Image Tiled VAE Encode",
-            category="Z-Image/latent",
-            description="Encodes large images in tiles, layer by layer, with whole-image GroupNorm statistics and "
-                        "global attention: equal to a full encode, in a fraction of its memory (for the edit "
-                        "pipeline's input images).",
-            inputs=[
-                io.Image.Input("pixels"),
-                *vae_and_tiling_inputs(),
-            ],
-            outputs=[io.Latent.Output(display_name="LATENT")],
-        )
-
-    @classmethod
-    def execute(cls, pixels, vae, tile_size, keep_activations="auto") -> io.NodeOutput:
-        return io.NodeOutput({"samples": tiled_encode(vae, pixels, tile_size, keep_activations)})
