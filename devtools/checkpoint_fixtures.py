@@ -79,6 +79,18 @@ def tiny_vae(seed=2, **overrides) -> dict[str, torch.Tensor]:
     return randomize(vae, seed)
 
 
+def tiny_sd15_unet() -> dict[str, torch.Tensor]:
+    """An SD1.5 UNet that core's UNETLoader recognises (its detection keys on 320 model channels and a 768-wide
+    context), cut to one level of one block, zero weights: a real non-Z-Image MODEL for the error tests."""
+    import comfy.supported_models
+
+    cfg = dict(comfy.supported_models.SD15.unet_config, in_channels=4, out_channels=4, num_res_blocks=[1],
+               channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1,
+               num_heads=8, use_spatial_transformer=True, legacy=False, image_size=32)
+    unet = comfy.supported_models.SD15(cfg).get_model({}, "", device=torch.device("meta")).diffusion_model
+    return {k: torch.zeros(v.shape, dtype=torch.float16) for k, v in unet.state_dict().items()}
+
+
 def cast(sd: dict, dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
@@ -200,6 +212,7 @@ def write_all(out: Path) -> dict[str, str]:
     files["flux"] = save(out / "diffusion_models/not-zimage-flux.safetensors", {
         "double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8),
         "single_blocks.0.linear1.weight": torch.zeros(24, 8), "img_in.weight": torch.zeros(8, 64)})
+    files["sd15_unet"] = save(out / "diffusion_models/sd15-unet-tiny_fp16.safetensors", tiny_sd15_unet())
     files["te_wide"] = save(out / "text_encoders/tiny-qwen3-wide_bf16.safetensors",
                             cast(tiny_qwen3(hidden_size=96, intermediate_size=128), torch.bfloat16))
     files["no_te_fits"] = save(out / "checkpoints/broken-no-text-encoder.safetensors",

@@ -214,3 +214,38 @@ def test_backend_choice_runs_the_chosen_function(nano, monkeypatch):
     m = patched(model, keep_ratio=1.0, attention_backend="split")
     out = sample(m, cond, uncond, steps=2)
     assert calls and torch.allclose(out, sample(model, cond, uncond, steps=2), atol=1e-4)
+
+
+
+def test_lora_patches_reach_the_kept_heads(nano):
+    model, cond, uncond = nano
+    key = "diffusion_model.layers.0.attention.qkv.weight"
+    weight = model.model.diffusion_model.get_parameter("layers.0.attention.qkv.weight")
+    lora = model.clone()
+    lora.add_patches({key: (0.2 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)),)}, 1.0)
+    with_lora = sample(lora, cond, uncond)
+    assert not torch.equal(with_lora, sample(model, cond, uncond))
+    assert torch.equal(sample(patched(lora, keep_ratio=1.0), cond, uncond), with_lora)
+
+
+@torch.no_grad()
+def test_weight_functions_of_low_vram_loading_are_applied_to_the_kept_rows(nano):
+    """In low-VRAM mode ComfyUI applies LoRA on the fly through `weight_function`; the kept rows must see it."""
+    model = nano[0]
+    name, module = attention_module(model)
+    x, freqs = attention_inputs(module, model)
+    heads = module.n_local_heads
+    delta = 0.1 * torch.randn(module.qkv.weight.shape, generator=torch.Generator().manual_seed(6))
+    state = ea.PruneState(ea.PruneConfig(pruned_heads="zero"), model_dim=x.shape[-1])
+    state.layers[name] = pruned_layer(module, name, pruned=[0])
+    original = module.qkv.weight.data.clone()
+    try:
+        module.qkv.weight.data += delta  # the weights LoRA would give
+        expected = ea.AttentionForward(module, state, name)(x, None, freqs, transformer_options={ea.PHASE_KEY: ea.PRUNE})
+        module.qkv.weight.data.copy_(original)
+        module.qkv.weight_function = [lambda w: w + delta.to(w)]
+        out = ea.AttentionForward(module, state, name)(x, None, freqs, transformer_options={ea.PHASE_KEY: ea.PRUNE})
+    finally:
+        module.qkv.weight_function = []
+        module.qkv.weight.data.copy_(original)
+    assert heads > 1 and torch.allclose(out, expected, atol=1e-5)

@@ -100,3 +100,15 @@ def test_report_without_a_patched_model_says_what_to_connect(client):
     assert result.status == "error"
     assert result.error["node_type"] == "ZImagePruningReport"
     assert "Connect the MODEL output of Z-Image Entropy-Pruned Attention" in result.error["exception_message"]
+
+
+def test_a_model_that_is_not_nextdit_is_refused_and_the_server_goes_on(client):
+    g = graph(PRUNE, steps=2, prefix="not-nextdit")
+    g["12"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "sd15-unet-tiny_fp16.safetensors", "weight_dtype": "default"}}
+    g["10"]["inputs"]["model"] = ["12", 0]
+    result = client.run(g, timeout=300)
+    assert result.status == "error"
+    assert result.error["node_type"] == "ZImageEntropyPrunedAttention"
+    message = result.error["exception_message"]
+    assert "UNetModel, not a Z-Image / Lumina NextDiT" in message and "\n" not in message.strip()
+    assert client.run(graph(PRUNE, steps=3, prefix="after-unet"), timeout=300).status == "success"
