@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from zimage_client.runtime import REPO_ROOT, import_comfy, import_plugin  # noqa: E402
 
-import_comfy(cpu=True)
+if "comfy.model_management" not in sys.modules:  # imported by another benchmark: keep its device choice
+    import_comfy(cpu=True)
 import_plugin()
 
 import comfy.sample  # noqa: E402
@@ -40,6 +41,11 @@ from PIL import Image  # noqa: E402
 from nano import detector, scenes  # noqa: E402
 
 TEXT_ENCODER, VAE = "nano_qwen3.safetensors", "nano_ae.safetensors"
+
+
+def register_models(models: Path = REPO_ROOT / "models") -> None:
+    for kind in ("diffusion_models", "text_encoders", "vae"):
+        folder_paths.add_model_folder_path(kind, str(models / kind), is_default=True)
 
 
 def load(variant: str):
@@ -92,8 +98,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--only", choices=("base", "turbo", "edit"), action="append", help="score only these variants")
     args = ap.parse_args()
-    for kind in ("diffusion_models", "text_encoders", "vae"):
-        folder_paths.add_model_folder_path(kind, str(args.models / kind), is_default=True)
+    register_models(args.models)
     n_scenes, n_edits = (10, 10) if args.quick else (100, 100)
     rng = random.Random(args.seed)
     prompts = [scenes.random_group_scene(rng, held_out=True) for _ in range(n_scenes)]
