@@ -8,7 +8,7 @@ by layer instead:
   receptive field), read from the neighbouring tiles' real values, so there is no seam to blend;
 - each GroupNorm uses statistics summed over every tile of the whole image before any tile is normalised;
 - the mid-block self-attention is global, so it runs on the whole latent-resolution tensor (1/64 of the
-  pixels).
+  pixels), a chunk of queries at a time so that the N x N attention matrix is never held.
 
 The result is the full decode up to float rounding. Only whole activations between GroupNorms are kept (on
 the GPU when they fit, else in RAM), and the 2x-upsampled ones are never stored but recomputed per tile from
@@ -37,6 +37,7 @@ AUTO = "auto"
 TILE_SIZES = (AUTO, "256", "384", "512", "768", "1024", "1536", "2048")
 MIN_TILE = 64  # pixels: 8 latent pixels, the smallest tile whose one-pixel halos stay a small overhead
 KEEP = ("auto", "gpu", "ram")  # where whole activations live between layers
+ATTENTION_CHUNK_ELEMENTS = 1 << 26  # attention logits held at once by the whole-image VAE attention (256 MiB fp32)
 
 
 class TiledVAEError(ValueError):
@@ -447,7 +448,8 @@ class Budget:
 
     @property
     def whole(self) -> bool:
-        """One tile covers the image: the plain network is the same computation and holds less."""
+        """One tile covers the image: run the plain network (core's full decode), which skips the extra
+        statistics passes."""
         return self.tile >= self.image_side
 
     def tiles(self, h: int, w: int):
@@ -541,10 +543,29 @@ def whole(field: Field, budget: Budget) -> torch.Tensor:
     return field.read(0, h, 0, w) if isinstance(field, Stored) else materialise(field, 32, budget).tensor.to(budget.device)
 
 
+def global_attention(attn, x: torch.Tensor) -> torch.Tensor:
+    """A VAE self-attention block on the whole activation, exactly, in bounded memory: queries go through
+    scaled-dot-product attention a chunk at a time. (ComfyUI's split attention, its choice on the CPU, holds
+    the whole N x N matrix: 17 GB for the 65 536 latent pixels of a 2048² image.)"""
+    if not all(hasattr(attn, name) for name in ("norm", "q", "k", "v", "proj_out")):
+        return attn(x)  # an attention block of another shape: its own forward
+    h = attn.norm(x)
+    b, c, hh, ww = x.shape
+    q, k, v = (t.reshape(b, 1, c, hh * ww).transpose(2, 3) for t in (attn.q(h), attn.k(h), attn.v(h)))
+    del h
+    n = hh * ww
+    out = torch.empty_like(q)
+    chunk = max(1, ATTENTION_CHUNK_ELEMENTS // (b * n))
+    for i in range(0, n, chunk):
+        out[:, :, i:i + chunk] = F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v)
+    del q, k, v
+    return x + attn.proj_out(out.transpose(2, 3).reshape(b, c, hh, ww))
+
+
 def decode_exact(model: AutoencodingEngineLegacy, z: torch.Tensor, budget: Budget) -> torch.Tensor:
     """The decoder, layer by layer; returns the image (B, 3, H, W) in the VAE's output range on budget.store."""
     dec: Decoder = model.decoder
-    h = dec.mid.block_2(dec.mid.attn_1(dec.mid.block_1(dec.conv_in(model.post_quant_conv(z)))))
+    h = dec.mid.block_2(global_attention(dec.mid.attn_1, dec.mid.block_1(dec.conv_in(model.post_quant_conv(z)))))
     x: Field = Stored(h.to(budget.store), budget.device)
     del h
     for i_level in reversed(range(dec.num_resolutions)):
@@ -552,7 +573,7 @@ def decode_exact(model: AutoencodingEngineLegacy, z: torch.Tensor, budget: Budge
         for i_block, block in enumerate(level.block):
             x = resnet_block(block, x, budget)
             if len(level.attn) > 0:  # attention inside the up path is global: run it whole
-                x = Stored(level.attn[i_block](whole(x, budget)).to(budget.store), budget.device)
+                x = Stored(global_attention(level.attn[i_block], whole(x, budget)).to(budget.store), budget.device)
         if i_level != 0:
             up = level.upsample
             x = Conv(up.conv, x, up=2) if up.with_conv else materialise(Upscaled(x), 32, budget)
@@ -590,7 +611,7 @@ def encode_exact(model: AutoencodingEngineLegacy, pixels: Field, budget: Budget)
         for i_block, block in enumerate(level.block):
             x = resnet_block(block, x, budget)
             if len(level.attn) > 0:
-                x = Stored(level.attn[i_block](whole(x, budget)).to(budget.store), budget.device)
+                x = Stored(global_attention(level.attn[i_block], whole(x, budget)).to(budget.store), budget.device)
         if i_level != enc.num_resolutions - 1:
             down = level.downsample
             if not down.with_conv:
@@ -598,7 +619,7 @@ def encode_exact(model: AutoencodingEngineLegacy, pixels: Field, budget: Budget)
                                     "not support; use core VAE Encode (Tiled).")
             x = Conv(down.conv, x)
     h = whole(x, budget)
-    h = enc.mid.block_2(enc.mid.attn_1(enc.mid.block_1(h)))
+    h = enc.mid.block_2(global_attention(enc.mid.attn_1, enc.mid.block_1(h)))
     h = enc.conv_out(F.silu(enc.norm_out(h)))
     z = model.quant_conv(h)
     z, _ = model.regularization(z)
