@@ -118,6 +118,7 @@ class ZImageCheckpointLoader(io.ComfyNode):
                                    reference_images=plan.variant == "edit")
         clip = load_text_encoder(parts.text_encoder, plan.text_encoder_config, pbar)
         vae_obj = load_vae(parts.vae, plan.vae_config, pbar)
+        dit.model.zimage_variant = plan.variant  # read by the k_gen probe to label its history
         s = SAMPLING_SETTINGS[plan.variant]
         log.info("Z-Image %s loaded (%s); dim %d, %d layers; text encoder %s; VAE %s", plan.variant, plan.variant_reason,
                  plan.dit_config["dim"], plan.dit_config["n_layers"], parts.text_encoder.label, parts.vae.label)

@@ -1,0 +1,610 @@
+"""Z-Image k_gen Probe and Report: generation kinetics measured inside the graph.
+
+The Z-Image-ComfyUI performance study treats a generation as a chemical reaction: a rate constant
+k_gen = NFE / Δt, a convergence law dI/dt = k_gen·C_text·(1 − I) whose linearised form
+1/(1 − I) = k_gen·C_text·t + 1 is fitted over the intermediate predictions, and an Arrhenius-like fit
+ln k_gen = ln A − (E_a/R)/T across GPU temperatures. The probe makes those figures measurable in any workflow.
+
+The probe is a keyed PREDICT_NOISE wrapper (one call per guided model evaluation, cond and uncond together:
+one NFE) and an OUTER_SAMPLE wrapper that opens and closes a run. Per evaluation it keeps the sigma, the
+x0 prediction pooled to a few latent pixels, a time stamp (a CUDA event on a GPU, read once at the end of the
+run, so the GPU is never waited on mid-run) and, on CUDA, the allocator's peak. A thread samples GPU
+temperature, SM clock and power through NVML while the run lasts. The report turns a run into figures,
+plots, a JSON file next to the outputs, and a line in a history file in ComfyUI's user directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import comfy.patcher_extension
+import folder_paths
+import numpy as np
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io, ui
+
+log = logging.getLogger("comfyui-zimage")
+
+WRAPPER_KEY = "zimage_kgen_probe"
+KGenRecord = io.Custom("ZIMAGE_KGEN_RECORD")
+PromptStats = io.Custom("ZIMAGE_PROMPT_STATS")  # made by the Chinese text encode node; carries "c_text"
+DEFAULT_C_TEXT = 1.0  # with no prompt statistics the fitted slope is k_gen·C_text with C_text = 1
+DEFAULT_HISTORY = "zimage-kgen/history.jsonl"
+NVML_INTERVAL_S = 0.1
+MIN_ARRHENIUS_TEMPERATURES = 3
+
+
+class KGenError(ValueError):
+    """A probe record or option the report cannot use, with what to do about it."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nodes.
+
+class ZImageKGenProbe(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageKGenProbe",
+            display_name="Z-Image k_gen Probe",
+            category="Z-Image/measure",
+            description="Records every model evaluation of the next sampling runs (time, sigma, a small copy of the "
+                        "x0 prediction, GPU memory, temperature, clock and power) for the Z-Image k_gen Report. "
+                        "Adds well under 1% to sampling time.",
+            inputs=[
+                io.Model.Input("model", tooltip="Any diffusion model; the input model is not changed."),
+                io.String.Input("label", default="",
+                                tooltip="Name of the model in the history (empty: the variant the Z-Image loader "
+                                        "found, else the model's class and size)."),
+                io.Int.Input("x0_size", default=32, min=4, max=256,
+                             tooltip="Each x0 prediction is kept pooled to at most this many latent pixels a side: "
+                                     "enough for the convergence curve, a few KiB per step."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"),
+                     KGenRecord.Output(display_name="record", tooltip="Connect to Z-Image k_gen Report.")],
+        )
+
+    @classmethod
+    def execute(cls, model, label="", x0_size=32) -> io.NodeOutput:
+        probe = Probe(label.strip() or model_label(model), x0_size)
+        patched = model.clone()
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, probe.outer_sample_wrapper)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, probe.predict_noise_wrapper)
+        return io.NodeOutput(patched, probe)
+
+
+class ZImageKGenReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageKGenReport",
+            display_name="Z-Image k_gen Report",
+            category="Z-Image/measure",
+            description="Turns the probe's record of the last sampling run into k_gen = NFE/Δt, the convergence "
+                        "curve I(t) and its linearised fit, peak memory and temperature; keeps a history and fits "
+                        "Arrhenius over it once it holds 3 temperatures.",
+            inputs=[
+                KGenRecord.Input("record", tooltip="The record output of Z-Image k_gen Probe."),
+                io.Latent.Input("samples", tooltip="The sampler's final LATENT: the target I(t) converges to."),
+                PromptStats.Input("prompt_stats", optional=True,
+                                  tooltip="Prompt statistics from Z-Image Chinese Text Encode; their C_text is used."),
+                io.Float.Input("c_text", default=DEFAULT_C_TEXT, min=1e-6, max=1e6, step=0.01,
+                               tooltip="Text concentration C_text when no prompt statistics are connected. With the "
+                                       "default 1.0, the fitted slope is k_gen·C_text itself."),
+                io.Float.Input("convergence_threshold", default=0.95, min=0.01, max=0.9999, step=0.01,
+                               tooltip="t₁ is the first time I(t) reaches this value."),
+                io.Boolean.Input("image_space", default=False,
+                                 tooltip="Also measure I(t) on a cheap RGB preview of the latents (the model's "
+                                         "latent-to-RGB factors; no VAE decode)."),
+                io.Boolean.Input("save_history", default=True,
+                                 tooltip="Append this run to the history file and fit Arrhenius over it."),
+                io.String.Input("history_file", default=DEFAULT_HISTORY,
+                                tooltip="JSON-lines file, relative to ComfyUI's user directory (it cannot leave it)."),
+                io.String.Input("filename_prefix", default="zimage-kgen/run",
+                                tooltip="The report's JSON is saved in the output directory under this prefix."),
+            ],
+            outputs=[io.Image.Output(display_name="plots", tooltip="I(t), the linearised fit, and the Arrhenius plot."),
+                     io.String.Output(display_name="json", tooltip="Every figure of the report as JSON.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, record, samples, prompt_stats=None, c_text=DEFAULT_C_TEXT, convergence_threshold=0.95,
+                image_space=False, save_history=True, history_file=DEFAULT_HISTORY,
+                filename_prefix="zimage-kgen/run") -> io.NodeOutput:
+        if not isinstance(record, Probe):
+            raise KGenError("The record input must come from Z-Image k_gen Probe's record output.")
+        if prompt_stats is not None and prompt_stats.get("c_text") is not None:
+            c_text, c_text_source = float(prompt_stats["c_text"]), "prompt statistics"
+        else:
+            c_text_source = "c_text input" if c_text != DEFAULT_C_TEXT else "default (1.0)"
+        report = make_report(record, samples["samples"], c_text, convergence_threshold, image_space)
+        report["c_text_source"] = c_text_source
+        if save_history and report.get("k_gen") is not None:
+            report["history"] = update_history(history_file, report)
+        report["saved_to"] = save_json(filename_prefix, report)
+        text = json.dumps(report, ensure_ascii=False)
+        image = plot(report)
+        lines = summary_lines(report)
+        out_ui = ui.PreviewImage(image, cls=cls).as_dict()
+        out_ui.update(text=lines, json=[text])
+        return io.NodeOutput(image, text, ui=out_ui)
+
+
+def model_label(model) -> str:
+    variant = getattr(model.model, "zimage_variant", None)
+    if variant:
+        return f"z-image-{variant}"
+    diffusion_model = model.model.diffusion_model
+    params = sum(p.numel() for p in diffusion_model.parameters())
+    return f"{type(diffusion_model).__name__} {params / 1e6:.0f}M"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recording.
+
+@dataclass
+class Evaluation:
+    sigma: torch.Tensor  # kept as the sampler passed it: reading it would wait for the GPU
+    x0: torch.Tensor  # pooled x0 prediction (B, C, h, w), on the model's device
+    stamp: object  # CUDA event, or perf_counter seconds
+    peak_bytes: int | None
+
+
+@dataclass
+class Run:
+    """One sampling run as the probe saw it; `finish` turns it into plain numbers."""
+    device: torch.device
+    latent_shape: tuple
+    planned_steps: int
+    spatial_ratio: int
+    start_stamp: object
+    evaluations: list[Evaluation] = field(default_factory=list)
+    telemetry: Telemetry | None = None
+    completed: bool = False
+    error: str | None = None
+    # filled by finish()
+    times: list[float] = field(default_factory=list)
+    sigmas: list[float] = field(default_factory=list)
+    x0: torch.Tensor | None = None
+    peak_bytes: int | None = None
+
+    def finish(self, completed: bool, error: str | None = None) -> None:
+        self.completed, self.error = completed, error
+        if self.telemetry is not None:
+            self.telemetry.stop()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.times = [self.start_stamp.elapsed_time(e.stamp) / 1000.0 for e in self.evaluations]
+        else:
+            self.times = [e.stamp - self.start_stamp for e in self.evaluations]
+        self.sigmas = [float(e.sigma.flatten()[0]) for e in self.evaluations]
+        self.x0 = torch.stack([e.x0.float().cpu() for e in self.evaluations]) if self.evaluations else None
+        peaks = [e.peak_bytes for e in self.evaluations if e.peak_bytes is not None]
+        self.peak_bytes = max(peaks) if peaks else None
+        self.evaluations.clear()  # the device tensors and events have been read
+
+
+class Probe:
+    """The probe's record: the wrappers write into it, the report reads its last run."""
+
+    def __init__(self, label: str, x0_size: int = 32):
+        self.label, self.x0_size = label, x0_size
+        self.run: Run | None = None
+        self.latent_format = None  # the sampled model's, to put x0 predictions in the LATENT's scaling
+        self.runs = 0
+
+    def outer_sample_wrapper(self, executor, *args, **kwargs):
+        noise, sigmas = args[0], args[3]
+        guider = executor.class_obj
+        device = torch.device(guider.model_patcher.load_device)
+        self.latent_format = guider.model_patcher.model.latent_format
+        telemetry = Telemetry.start(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            start = time.perf_counter()
+        run = Run(device=device, latent_shape=tuple(noise.shape), planned_steps=max(0, len(sigmas) - 1),
+                  spatial_ratio=getattr(self.latent_format, "spacial_downscale_ratio", 8),
+                  start_stamp=start, telemetry=telemetry)
+        self.run, self.runs = run, self.runs + 1
+        try:
+            out = executor(*args, **kwargs)
+        except BaseException as e:  # interrupted or failed: keep what was recorded, say why
+            run.finish(False, f"{type(e).__name__}: {e}".strip(": "))
+            raise
+        run.finish(True)
+        return out
+
+    def predict_noise_wrapper(self, executor, x, timestep, model_options, seed):
+        out = executor(x, timestep, model_options, seed)
+        run = self.run
+        if run is not None and not run.completed and run.error is None:
+            run.evaluations.append(self.evaluation(run, timestep, out))
+        return out
+
+    def evaluation(self, run: Run, timestep, out) -> Evaluation:
+        x0 = out.detach()
+        if x0.ndim == 5:  # video-shaped latents: keep the first frame
+            x0 = x0[:, :, 0]
+        if x0.ndim == 4 and max(x0.shape[-2:]) > self.x0_size:
+            h, w = x0.shape[-2:]
+            scale = self.x0_size / max(h, w)
+            x0 = F.adaptive_avg_pool2d(x0.float(), (max(1, round(h * scale)), max(1, round(w * scale))))
+        if run.device.type == "cuda":
+            stamp = torch.cuda.Event(enable_timing=True)
+            stamp.record()
+            peak = torch.cuda.max_memory_allocated(run.device)
+        else:
+            stamp, peak = time.perf_counter(), None
+        return Evaluation(sigma=timestep.detach().flatten()[:1].clone(), x0=x0.clone(), stamp=stamp,
+                          peak_bytes=peak)
+
+
+class Telemetry:
+    """GPU temperature (°C), SM clock (MHz) and power (W) sampled through NVML on a thread while a run lasts;
+    NVML queries are host-side and never wait for the GPU."""
+
+    def __init__(self, handle, pynvml):
+        self.handle, self.nvml = handle, pynvml
+        self.samples: list[tuple[float, float, float, float]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name="zimage-kgen-nvml", daemon=True)
+
+    @staticmethod
+    def start(device: torch.device) -> Telemetry | None:
+        if device.type != "cuda":
+            return None
+        handle, pynvml = nvml_handle(device)
+        if handle is None:
+            return None
+        telemetry = Telemetry(handle, pynvml)
+        telemetry.sample()
+        telemetry.thread.start()
+        return telemetry
+
+    def sample(self) -> None:
+        n = self.nvml
+        try:
+            self.samples.append((time.perf_counter(), float(n.nvmlDeviceGetTemperature(self.handle, n.NVML_TEMPERATURE_GPU)),
+                                 float(n.nvmlDeviceGetClockInfo(self.handle, n.NVML_CLOCK_SM)),
+                                 n.nvmlDeviceGetPowerUsage(self.handle) / 1000.0))
+        except Exception as e:  # a query this GPU does not support: stop sampling, keep what we have
+            log.debug("NVML sample failed: %s", e)
+            self.done.set()
+
+    def loop(self) -> None:
+        while not self.done.wait(NVML_INTERVAL_S):
+            self.sample()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=1.0)
+        self.sample()
+
+
+def nvml_handle(device: torch.device):
+    """The NVML handle of this CUDA device (honouring CUDA_VISIBLE_DEVICES), or (None, reason)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None, "nvidia-ml-py (pynvml) is not installed"
+    try:
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        to_nvml = getattr(torch.cuda, "_get_nvml_device_index", None)
+        return pynvml.nvmlDeviceGetHandleByIndex(to_nvml(index) if to_nvml else index), pynvml
+    except Exception as e:
+        return None, f"NVML is not available: {e}"
+
+
+def telemetry_unavailable_reason(device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"the model ran on {device.type.upper()}: GPU temperature, clock and power exist only on a CUDA GPU"
+    handle, reason = nvml_handle(device)
+    return "NVML gave no readings" if handle is not None else reason
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report.
+
+def make_report(probe: Probe, final_latent: torch.Tensor, c_text: float, threshold: float, image_space: bool) -> dict:
+    run = probe.run
+    if run is None:
+        raise KGenError("The probe has recorded no sampling run. Sample with the probe's MODEL output first (the "
+                        "report must come after the sampler: connect the sampler's LATENT to its samples input).")
+    messages = []
+    nfe = len(run.times)
+    side_h, side_w = run.latent_shape[-2] * run.spatial_ratio, run.latent_shape[-1] * run.spatial_ratio
+    report = {"label": probe.label, "device": device_name(run.device), "resolution": f"{side_w}x{side_h}",
+              "batch": int(run.latent_shape[0]), "nfe": nfe, "planned_steps": run.planned_steps,
+              "completed": run.completed, "c_text": c_text, "convergence_threshold": threshold}
+    if not run.completed:
+        messages.append(f"The sampling run did not finish ({run.error or 'stopped'}) after {nfe} model evaluations: "
+                        "the figures cover the evaluations that ran.")
+    if nfe == 0:
+        messages.append("No model evaluation was recorded: nothing to measure.")
+        report.update(seconds=None, k_gen=None, messages=messages)
+        return report
+    seconds = run.times[-1]
+    report.update(seconds=round(seconds, 6), k_gen=round(nfe / seconds, 4) if seconds > 0 else None,
+                  times_s=[round(t, 6) for t in run.times], sigmas=[round(s, 6) for s in run.sigmas],
+                  peak_memory_bytes=run.peak_bytes)
+    if run.peak_bytes is None:
+        messages.append("Peak memory is measured on CUDA only.")
+    report.update(telemetry_summary(run))
+    if report.get("temperature_c") is None:
+        report["telemetry_unavailable"] = telemetry_unavailable_reason(run.device)
+        messages.append("No GPU temperature: " + report["telemetry_unavailable"] + " (no Arrhenius fit).")
+
+    final = pool_like(final_latent, run.x0.shape[-2:])
+    x0, latent_format = run.x0, probe.latent_format
+    if x0.shape[1:] != final.shape:
+        messages.append(f"The samples input ({tuple(final_latent.shape)}) is not the output of this run "
+                        f"({tuple(run.latent_shape)}): no convergence curve.")
+    else:
+        if latent_format is not None:
+            x0 = latent_format.process_out(x0)  # the sampler's LATENT is in the output scaling
+        curve = convergence(x0, final)
+        report["convergence"] = [round(v, 6) for v in curve]
+        report["fit"] = kinetics_fit(run.times, curve, c_text)
+        report["t1_s"] = convergence_time(run.times, curve, threshold)
+        if report["fit"].get("error"):
+            messages.append(report["fit"]["error"])
+        if image_space:
+            factors = getattr(latent_format, "latent_rgb_factors", None)
+            if factors is None:
+                messages.append("This model's latent format has no latent-to-RGB factors: no image-space curve.")
+            else:
+                bias = getattr(latent_format, "latent_rgb_factors_bias", None)
+                rgb, target = latent_rgb(x0, factors, bias), latent_rgb(final, factors, bias)
+                image_curve = convergence(rgb, target)
+                report["convergence_image"] = [round(v, 6) for v in image_curve]
+                report["fit_image"] = kinetics_fit(run.times, image_curve, c_text)
+    report["messages"] = messages
+    return report
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def telemetry_summary(run: Run) -> dict:
+    t = run.telemetry
+    if t is None or not t.samples:
+        return {"temperature_c": None}
+    temps, clocks, power = (np.array([s[i] for s in t.samples]) for i in (1, 2, 3))
+    return {"temperature_c": round(float(temps.mean()), 2), "temperature_max_c": float(temps.max()),
+            "sm_clock_mhz": round(float(clocks.mean()), 1), "power_w": round(float(power.mean()), 2),
+            "telemetry_samples": len(t.samples)}
+
+
+def pool_like(latent: torch.Tensor, size) -> torch.Tensor:
+    """The final latent pooled the way the probe pooled the x0 predictions, (B, C, h, w)."""
+    z = latent.detach().float().cpu()
+    if z.ndim == 5:
+        z = z[:, :, 0]
+    if z.shape[-2:] != tuple(size):
+        z = F.adaptive_avg_pool2d(z, tuple(size))
+    return z
+
+
+def latent_rgb(z: torch.Tensor, factors, bias) -> torch.Tensor:
+    """The latent previewer's linear RGB: (..., C, h, w) -> (..., 3, h, w)."""
+    f = torch.tensor(factors, dtype=torch.float32)  # (C, 3)
+    rgb = torch.einsum("...chw,cr->...rhw", z.float(), f)
+    if bias is not None:
+        rgb = rgb + torch.tensor(bias, dtype=torch.float32)[:, None, None]
+    return rgb
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kinetics maths (plain numbers in, plain numbers out).
+
+def convergence(predictions: torch.Tensor, final: torch.Tensor) -> list[float]:
+    """I per evaluation: 1 − ‖x0_i − final‖ / ‖x0_0 − final‖, so I starts at 0 with the first prediction and
+    reaches 1 when the prediction is the final result. (S, ...) and (...) -> S values."""
+    d = torch.stack([(p.double() - final.double()).norm() for p in predictions])
+    if float(d[0]) == 0.0:
+        return [1.0] * len(d)
+    return (1.0 - d / d[0]).tolist()
+
+
+def fit_line(x, y) -> tuple[float, float, float]:
+    """Least-squares y = slope·x + intercept: (slope, intercept, R²)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = float(((y - (slope * x + intercept)) ** 2).sum())
+    total = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - residual / total if total > 0 else (1.0 if residual == 0 else 0.0)
+    return float(slope), float(intercept), r2
+
+
+def kinetics_fit(times, curve, c_text: float) -> dict:
+    """Fit 1/(1 − I) = k_gen·C_text·t + b over the intermediate points (0 ≤ I < 1). Also the first-order form
+    ln(1/(1 − I)) = k·C_text·t + b, which is what dI/dt = k·C_text·(1 − I) integrates to exactly."""
+    points = [(t, i) for t, i in zip(times, curve, strict=True) if 0.0 <= i < 1.0 - 1e-9]
+    if len(points) < 2 or len({t for t, _ in points}) < 2:
+        return {"points": len(points), "error": f"No fit: it needs at least 2 intermediate predictions (0 ≤ I < 1) "
+                                                f"and this run has {len(points)}; sample more steps."}
+    t = [p[0] for p in points]
+    slope, intercept, r2 = fit_line(t, [1.0 / (1.0 - i) for _, i in points])
+    slope1, intercept1, r2_1 = fit_line(t, [-math.log(1.0 - i) for _, i in points])
+    return {"points": len(points), "slope": slope, "intercept": intercept, "r2": r2,
+            "k_gen_c_text": slope, "k_gen": slope / c_text,
+            "first_order": {"slope": slope1, "intercept": intercept1, "r2": r2_1, "k_gen": slope1 / c_text}}
+
+
+def convergence_time(times, curve, threshold: float) -> float | None:
+    """t₁: the first time I reaches the threshold (None if it never does)."""
+    return next((float(t) for t, i in zip(times, curve, strict=True) if i >= threshold), None)
+
+
+def arrhenius(points: list[tuple[float, float]]) -> dict:
+    """Fit ln k = ln A − (E_a/R)/T over (temperature °C, k_gen) points, T in kelvin."""
+    temps = {round(t, 1) for t, _ in points}
+    if len(temps) < MIN_ARRHENIUS_TEMPERATURES:
+        return {"n": len(points), "distinct_temperatures": len(temps),
+                "error": f"Arrhenius needs runs at {MIN_ARRHENIUS_TEMPERATURES} or more distinct GPU temperatures; "
+                         f"the history has {len(temps)} for this model, device and resolution."}
+    slope, intercept, r2 = fit_line([1.0 / (t + 273.15) for t, _ in points], [math.log(k) for _, k in points])
+    return {"n": len(points), "distinct_temperatures": len(temps), "ea_over_r_k": -slope, "ln_a": intercept, "r2": r2}
+
+
+# ---------------------------------------------------------------------------------------------------
+# History, saved JSON, plots.
+
+def history_path(name: str) -> Path:
+    """The history file under ComfyUI's user directory; anything that would leave it is refused."""
+    base = Path(folder_paths.get_user_directory()).resolve()
+    path = (base / name).resolve()
+    if not name.strip() or path == base or not path.is_relative_to(base):
+        raise KGenError(f"history_file {name!r} is outside ComfyUI's user directory ({base}); give a path inside it, "
+                        f"such as {DEFAULT_HISTORY!r}.")
+    return path
+
+
+def read_history(path: Path) -> tuple[list[dict], str | None]:
+    """The history's entries; a file that is not valid JSON lines is moved aside and a new one started."""
+    if not path.exists():
+        return [], None
+    try:
+        entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not all(isinstance(e, dict) for e in entries):
+            raise ValueError("a line is not a JSON object")
+        return entries, None
+    except (ValueError, UnicodeDecodeError) as e:
+        backup = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}.bak")
+        os.replace(path, backup)
+        return [], f"The history file was not valid JSON lines ({e}); it was kept as {backup.name} and a new one started."
+
+
+def update_history(name: str, report: dict) -> dict:
+    try:
+        path = history_path(name)
+    except KGenError as e:
+        report["messages"].append(str(e))
+        return {"saved": False, "error": str(e)}
+    entries, problem = read_history(path)
+    if problem:
+        report["messages"].append(problem)
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "label": report["label"], "device": report["device"],
+             "resolution": report["resolution"], "batch": report["batch"], "nfe": report["nfe"],
+             "seconds": report["seconds"], "k_gen": report["k_gen"], "temperature_c": report.get("temperature_c"),
+             "sm_clock_mhz": report.get("sm_clock_mhz"), "power_w": report.get("power_w")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    entries.append(entry)
+    key = (entry["label"], entry["device"], entry["resolution"])
+    same = [e for e in entries if (e.get("label"), e.get("device"), e.get("resolution")) == key
+            and e.get("temperature_c") is not None and e.get("k_gen")]
+    fit = arrhenius([(e["temperature_c"], e["k_gen"]) for e in same])
+    if fit.get("error"):
+        report["messages"].append(fit["error"])
+    return {"saved": True, "file": str(path.relative_to(Path(folder_paths.get_user_directory()).resolve())),
+            "runs": len(entries), "runs_same_key": len([e for e in entries if (e.get("label"), e.get("device"),
+                                                                               e.get("resolution")) == key]),
+            "arrhenius": fit, "arrhenius_points": [(e["temperature_c"], e["k_gen"]) for e in same]}
+
+
+def save_json(prefix: str, report: dict) -> str:
+    """The report as a JSON file in the output directory; returns its path relative to it."""
+    output_dir = folder_paths.get_output_directory()
+    full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir)
+    name = f"{filename}_{counter:05}_.json"
+    Path(full_folder).mkdir(parents=True, exist_ok=True)
+    (Path(full_folder) / name).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    return f"{subfolder}/{name}" if subfolder else name
+
+
+def summary_lines(report: dict) -> list[str]:
+    if report.get("k_gen") is None:
+        return report.get("messages") or ["nothing measured"]
+    lines = [f"{report['label']} on {report['device']}, {report['resolution']} x{report['batch']}: "
+             f"{report['nfe']} NFE in {report['seconds']:.3f} s, k_gen = {report['k_gen']:.3f} s⁻¹"]
+    fit = report.get("fit") or {}
+    if "slope" in fit:
+        lines.append(f"fit 1/(1−I) = {fit['slope']:.3f}·t + {fit['intercept']:.3f}, R² = {fit['r2']:.3f}, "
+                     f"k_gen·C_text = {fit['k_gen_c_text']:.3f} s⁻¹"
+                     + (f", t₁ = {report['t1_s']:.3f} s" if report.get("t1_s") is not None else ""))
+    if report.get("peak_memory_bytes") is not None:
+        lines.append(f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if report.get("temperature_c") is not None:
+        lines.append(f"GPU {report['temperature_c']:.1f} °C, {report['sm_clock_mhz']:.0f} MHz, {report['power_w']:.0f} W")
+    fit_a = (report.get("history") or {}).get("arrhenius") or {}
+    if "ea_over_r_k" in fit_a:
+        lines.append(f"Arrhenius over {fit_a['n']} runs: E_a/R = {fit_a['ea_over_r_k']:.0f} K, "
+                     f"ln A = {fit_a['ln_a']:.2f}, R² = {fit_a['r2']:.3f}")
+    return lines + report.get("messages", [])
+
+
+def plot(report: dict) -> torch.Tensor:
+    """The plots as an IMAGE (1, H, W, 3): I(t), the linearised fit, and the Arrhenius scatter with its line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_i, ax_lin, ax_arr = fig.subplots(1, 3)
+    times, curve = report.get("times_s") or [], report.get("convergence") or []
+    if curve:
+        ax_i.plot(times, curve, "o-", color="tab:red", label="latent")
+        if report.get("convergence_image"):
+            ax_i.plot(times, report["convergence_image"], "s--", color="tab:blue", label="RGB preview")
+        ax_i.axhline(report["convergence_threshold"], color="grey", lw=0.8)
+        ax_i.legend(loc="lower right")
+    ax_i.set(title="convergence I(t)", xlabel="t (s)", ylabel="I")
+    fit = report.get("fit") or {}
+    if "slope" in fit:
+        pts = [(t, 1 / (1 - i)) for t, i in zip(times, curve, strict=True) if 0 <= i < 1 - 1e-9]
+        ax_lin.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:red")
+        xs = np.linspace(0, max(p[0] for p in pts), 50)
+        ax_lin.plot(xs, fit["slope"] * xs + fit["intercept"], "-", color="black",
+                    label=f"slope {fit['slope']:.3g} s⁻¹, R² {fit['r2']:.3f}")
+        ax_lin.legend(loc="upper left")
+    else:
+        ax_lin.text(0.5, 0.5, "no fit:\nneeds 2 intermediate steps", ha="center", va="center", transform=ax_lin.transAxes)
+    ax_lin.set(title="linearised: 1/(1−I) vs t", xlabel="t (s)", ylabel="1/(1−I)")
+    history = report.get("history") or {}
+    points = history.get("arrhenius_points") or []
+    if points:
+        x = [1 / (t + 273.15) for t, _ in points]
+        ax_arr.plot(x, [math.log(k) for _, k in points], "o", color="tab:green")
+        fit_a = history.get("arrhenius") or {}
+        if "ea_over_r_k" in fit_a:
+            xs = np.linspace(min(x), max(x), 20)
+            ax_arr.plot(xs, fit_a["ln_a"] - fit_a["ea_over_r_k"] * xs, "-", color="black",
+                        label=f"E_a/R {fit_a['ea_over_r_k']:.0f} K, R² {fit_a['r2']:.2f}")
+            ax_arr.legend(loc="upper right")
+    if not points or "ea_over_r_k" not in (history.get("arrhenius") or {}):
+        reason = report.get("telemetry_unavailable") or "needs runs at 3 GPU temperatures"
+        ax_arr.text(0.5, 0.5, "no Arrhenius fit:\n" + wrap(reason, 40), ha="center", va="center",
+                    transform=ax_arr.transAxes, fontsize=8)
+    ax_arr.set(title="Arrhenius: ln k_gen vs 1/T", xlabel="1/T (1/K)", ylabel="ln k_gen")
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    return torch.from_numpy(rgba[..., :3].astype(np.float32) / 255.0)[None]
+
+
+def wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + len(w) + 1 > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return "\n".join(lines + [line])

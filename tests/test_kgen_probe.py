@@ -1,0 +1,221 @@
+"""k_gen probe, in-process: the kinetics maths on synthetic curves, recording during real sampling, the history."""
+from __future__ import annotations
+
+import json
+import math
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+import comfyui_zimage
+import folder_paths
+import pytest
+import torch
+from comfyui_zimage.nodes import entropy_attention as ea
+from comfyui_zimage.nodes import kgen_probe as kg
+from comfyui_zimage.nodes.loader import ZImageCheckpointLoader
+
+# ---------------------------------------------------------------------------------------------------
+# Maths on exact synthetic data.
+
+
+@pytest.mark.parametrize("k, c_text", [(11.11, 1.0), (7.41, 1.0), (9.35, 2.5), (0.8, 0.3)])
+def test_linearised_fit_recovers_k_from_an_exact_curve(k, c_text):
+    times = [0.05 * (i + 1) for i in range(12)]
+    curve = [1 - 1 / (k * c_text * t + 1) for t in times]  # 1/(1-I) = k·C·t + 1 exactly
+    fit = kg.kinetics_fit(times, curve, c_text)
+    assert fit["k_gen"] == pytest.approx(k, rel=0.01)
+    assert fit["intercept"] == pytest.approx(1.0, abs=1e-6)
+    assert fit["r2"] > 0.99
+
+
+def test_first_order_fit_recovers_k_from_an_exponential_curve():
+    k, times = 3.0, [0.1 * (i + 1) for i in range(10)]
+    fit = kg.kinetics_fit(times, [1 - math.exp(-k * t) for t in times], 1.0)
+    assert fit["first_order"]["k_gen"] == pytest.approx(k, rel=0.01)
+    assert fit["first_order"]["r2"] > 0.99
+    assert fit["r2"] < fit["first_order"]["r2"]  # the second-order line fits it worse: the fits can disagree
+
+
+def test_fit_needs_two_intermediate_points():
+    assert "error" in kg.kinetics_fit([0.1], [0.3], 1.0)
+    assert "error" in kg.kinetics_fit([0.1, 0.2], [0.4, 1.0], 1.0)  # the final point (I = 1) is not a point
+    assert kg.kinetics_fit([0.1, 0.2, 0.3], [0.1, 0.5, 1.0], 1.0)["points"] == 2
+
+
+def test_arrhenius_recovers_activation_temperature():
+    ea_over_r, ln_a = 1200.0, 9.8
+    points = [(t, math.exp(ln_a - ea_over_r / (t + 273.15))) for t in (45.0, 55.0, 63.0, 71.0, 80.0)]
+    fit = kg.arrhenius(points)
+    assert fit["ea_over_r_k"] == pytest.approx(ea_over_r, rel=1e-6)
+    assert fit["ln_a"] == pytest.approx(ln_a, rel=1e-6)
+    assert fit["r2"] > 0.999 and fit["n"] == 5
+
+
+def test_arrhenius_needs_three_temperatures():
+    fit = kg.arrhenius([(50.0, 9.0), (50.0, 9.1), (60.0, 9.5)])
+    assert fit["distinct_temperatures"] == 2 and "3 or more" in fit["error"]
+
+
+def test_convergence_is_zero_at_the_first_prediction_and_one_at_the_final():
+    final = torch.randn(1, 4, 8, 8)
+    start = torch.randn(1, 4, 8, 8)
+    predictions = torch.stack([start + (final - start) * a for a in (0.0, 0.25, 0.5, 1.0)])
+    assert kg.convergence(predictions, final) == pytest.approx([0.0, 0.25, 0.5, 1.0])
+    assert kg.convergence_time([0.1, 0.2, 0.3, 0.4], [0.0, 0.25, 0.5, 1.0], 0.5) == 0.3
+    assert kg.convergence_time([0.1, 0.2], [0.0, 0.25], 0.95) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recording real sampling runs on the nano model.
+
+@pytest.fixture(scope="module")
+def nano():
+    comfyui_zimage.register_model_folders()
+    model, clip, _ = ZImageCheckpointLoader.execute("diffusion_models/nano_zimage_base.safetensors", "nano_qwen3.safetensors",
+                                                    "nano_ae.safetensors", "default", "default").result[:3]
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("蓝色背景上的红色圆形"))
+    uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return model, cond, uncond
+
+
+@pytest.fixture()
+def dirs(tmp_path):
+    """Output and user directories of this test (restored afterwards)."""
+    old = folder_paths.get_output_directory(), folder_paths.get_user_directory()
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    folder_paths.set_user_directory(str(tmp_path / "user"))
+    yield tmp_path
+    folder_paths.set_output_directory(old[0])
+    folder_paths.set_user_directory(old[1])
+
+
+def sample(model, cond, uncond, steps=6, cfg=4.0, batch=2, sampler="euler", callback=None):
+    latent = torch.zeros(batch, 16, 16, 16)
+    noise = comfy.sample.prepare_noise(latent, 5)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, "simple", cond, uncond, latent, seed=5,
+                               disable_pbar=True, callback=callback)
+
+
+def probe(model, label=""):
+    patched, record = kg.ZImageKGenProbe.execute(model, label).result
+    return patched, record
+
+
+def report(record, samples, **options):
+    options.setdefault("save_history", False)
+    image, text = kg.ZImageKGenReport.execute(record, {"samples": samples}, **options).result
+    return image, json.loads(text)
+
+
+def test_probe_does_not_change_the_result_and_counts_one_nfe_per_guided_evaluation(nano, dirs):
+    model, cond, uncond = nano
+    expected = sample(model, cond, uncond)  # cfg 4, batch 2: cond and uncond of both images in one evaluation
+    patched, record = probe(model)
+    out = sample(patched, cond, uncond)
+    assert torch.equal(out, expected)
+    assert len(model.get_wrappers(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, kg.WRAPPER_KEY)) == 0
+    image, r = report(record, out)
+    assert r["nfe"] == 6 and r["planned_steps"] == 6 and r["completed"]
+    assert r["label"] == "z-image-base" and r["batch"] == 2 and r["resolution"] == "128x128"
+    assert r["k_gen"] == pytest.approx(r["nfe"] / r["seconds"], rel=1e-3)
+    assert r["times_s"] == sorted(r["times_s"]) and r["times_s"][0] > 0
+    assert r["sigmas"][0] > r["sigmas"][-1]
+    assert r["convergence"][0] == 0.0 and r["convergence"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert r["fit"]["points"] >= 2 and "slope" in r["fit"]
+    assert r["temperature_c"] is None and "CPU" in r["telemetry_unavailable"]
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] > 100
+    saved = dirs / "output" / r["saved_to"]
+    assert json.loads(saved.read_text(encoding="utf-8"))["k_gen"] == r["k_gen"]
+
+
+def test_two_evaluations_per_step_samplers_count_both(nano, dirs):
+    model, cond, uncond = nano
+    patched, record = probe(model)
+    out = sample(patched, cond, uncond, steps=4, cfg=1.0, batch=1, sampler="heun")
+    _, r = report(record, out)
+    assert r["nfe"] == 7  # heun: two evaluations per step, one on the last
+
+
+def test_image_space_curve_and_the_pruning_patch_together(nano, dirs):
+    model, cond, uncond = nano
+    pruned = ea.patch_model(model, ea.PruneConfig(keep_ratio=0.5, calibration_steps=2))
+    patched, record = probe(pruned, "nano base pruned")
+    out = sample(patched, cond, uncond)
+    _, r = report(record, out, image_space=True)
+    assert r["label"] == "nano base pruned" and r["nfe"] == 6
+    assert len(r["convergence_image"]) == 6 and r["convergence_image"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert ea.state_of(patched).report()["heads_pruned"] > 0
+
+
+def test_one_step_run_reports_that_no_fit_is_possible(nano, dirs):
+    model, cond, uncond = nano
+    patched, record = probe(model)
+    _, r = report(record, sample(patched, cond, uncond, steps=1))
+    assert r["nfe"] == 1 and r["k_gen"] > 0
+    assert "error" in r["fit"] and any("No fit" in m for m in r["messages"])
+
+
+def test_interrupted_run_keeps_what_ran_and_says_so(nano, dirs):
+    model, cond, uncond = nano
+    patched, record = probe(model)
+
+    def stop_after_three(step, *_):
+        if step == 2:
+            raise comfy.model_management.InterruptProcessingException()
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        sample(patched, cond, uncond, steps=6, callback=stop_after_three)
+    _, r = report(record, torch.zeros(2, 16, 16, 16))
+    assert not r["completed"] and r["nfe"] == 3 and r["planned_steps"] == 6
+    assert any("did not finish" in m and "InterruptProcessingException" in m for m in r["messages"])
+    out = sample(patched, cond, uncond)  # the next run is recorded afresh
+    _, r = report(record, out)
+    assert r["completed"] and r["nfe"] == 6
+
+
+def test_report_before_any_sampling_is_a_clear_error(nano):
+    _, record = probe(nano[0])
+    with pytest.raises(kg.KGenError, match="no sampling run"):
+        report(record, torch.zeros(1, 16, 16, 16))
+
+
+# ---------------------------------------------------------------------------------------------------
+# History.
+
+def test_history_appends_and_fits_arrhenius_over_three_temperatures(dirs):
+    history = dirs / "user" / "zimage-kgen" / "history.jsonl"
+    history.parent.mkdir(parents=True)
+    rows = [{"label": "z-image-turbo", "device": "gpu", "resolution": "1024x1024", "temperature_c": t,
+             "k_gen": math.exp(9.8 - 1200 / (t + 273.15))} for t in (50.0, 60.0)]
+    rows.append({"label": "z-image-base", "device": "gpu", "resolution": "1024x1024", "temperature_c": 70.0, "k_gen": 1.0})
+    history.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    t = 70.0
+    report = {"label": "z-image-turbo", "device": "gpu", "resolution": "1024x1024", "batch": 1, "nfe": 8,
+              "seconds": 1.0, "k_gen": math.exp(9.8 - 1200 / (t + 273.15)), "temperature_c": t, "messages": []}
+    result = kg.update_history(kg.DEFAULT_HISTORY, report)
+    assert result["saved"] and result["runs"] == 4 and result["runs_same_key"] == 3
+    assert result["arrhenius"]["ea_over_r_k"] == pytest.approx(1200, rel=1e-6)
+    assert len(history.read_text(encoding="utf-8").splitlines()) == 4
+
+
+def test_corrupt_history_is_kept_aside_and_a_new_one_started(dirs):
+    history = dirs / "user" / "zimage-kgen" / "history.jsonl"
+    history.parent.mkdir(parents=True)
+    history.write_text('{"k_gen": 1}\nnot json at all\n', encoding="utf-8")
+    report = {"label": "x", "device": "cpu", "resolution": "64x64", "batch": 1, "nfe": 2, "seconds": 0.5, "k_gen": 4.0,
+              "messages": []}
+    result = kg.update_history(kg.DEFAULT_HISTORY, report)
+    assert result["saved"] and result["runs"] == 1
+    backups = list(history.parent.glob("history.jsonl.corrupt-*.bak"))
+    assert len(backups) == 1 and "not json at all" in backups[0].read_text(encoding="utf-8")
+    assert any("kept as" in m for m in report["messages"])
+
+
+@pytest.mark.parametrize("name", ["../escape.jsonl", "/etc/kgen.jsonl", "a/../../b.jsonl", ""])
+def test_history_path_outside_the_user_directory_is_refused(dirs, name):
+    report = {"label": "x", "device": "cpu", "resolution": "64x64", "batch": 1, "nfe": 2, "seconds": 0.5, "k_gen": 4.0,
+              "messages": []}
+    result = kg.update_history(name, report)
+    assert not result["saved"] and "outside ComfyUI's user directory" in result["error"]
+    assert not (dirs / "escape.jsonl").exists()
