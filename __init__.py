@@ -22,7 +22,7 @@ def register_model_folders() -> None:
 async def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension
 
-    from .nodes import entropy_attention, kgen_probe, loader, tiled_vae
+    from .nodes import chinese_text, entropy_attention, kgen_probe, loader, tiled_vae
 
     register_model_folders()
 
@@ -30,6 +30,6 @@ async def comfy_entrypoint():
         async def get_node_list(self):
             return [loader.ZImageCheckpointLoader, tiled_vae.ZImageTiledVAEDecode, tiled_vae.ZImageTiledVAEEncode,
                     entropy_attention.ZImageEntropyPrunedAttention, entropy_attention.ZImagePruningReport,
-                    kgen_probe.ZImageKGenProbe, kgen_probe.ZImageKGenReport]
+                    kgen_probe.ZImageKGenProbe, kgen_probe.ZImageKGenReport, chinese_text.ZImageChineseTextEncode]
 
     return ZImageExtension()

@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # (not ahead of ComfyUI's own `nodes`)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from zimage_client.runtime import REPO_ROOT, import_comfy, import_plugin  # noqa: E402
 
 if "comfy.model_management" not in sys.modules:  # imported by another benchmark: keep its device choice

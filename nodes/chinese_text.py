@@ -1,0 +1,358 @@
+"""Z-Image Chinese Text Encode: first-class Chinese and bilingual prompts.
+
+What it adds to core CLIPTextEncode, never changing what the model expects:
+- normalisation that only helps: full-width Latin letters and digits fold to ASCII, stray whitespace goes
+  (runs collapse, none between two Chinese characters), Chinese punctuation stays Chinese, traditional
+  characters stay traditional, and quoted text (“…”, "…", 「…」, 『…』) is never touched;
+- weighted spans, `(汉服:1.3)` or `（汉服：1.3）`, nested (weights multiply) and escaped (`\\(`), the way
+  ComfyUI users write them; a bare `(…)` is 1.1 as in core, a bare `（…）` is ordinary Chinese text;
+- statistics: the real Qwen tokenizer's token count, what was cut beyond the trained maximum (512),
+  the weighted spans, the quoted texts, and C_text for the k_gen report.
+
+Plain text is tokenized and encoded by core's own code, so its conditioning is core's exactly. Weights
+are applied afterwards to the hidden states of the span's tokens: h' = μ + w·(h − μ), with μ the mean hidden
+state of the prompt's own tokens. Core's way (moving a token away from an empty prompt's encoding) cannot
+be used: Qwen's empty prompt is fully masked and encodes to NaN, which is why core disables weights here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import weakref
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+log = logging.getLogger("comfyui-zimage")
+
+PromptStats = io.Custom("ZIMAGE_PROMPT_STATS")  # read by the k_gen report (its "c_text")
+MAX_TOKENS = 512  # Z-Image's trained maximum prompt length (the official pipeline's max_sequence_length)
+TEMPLATES = {"z-image chat": None, "raw": "{}"}  # None: the tokenizer's own (ComfyUI's Z-Image chat template)
+CHAT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+QUOTES = {"“": "”", '"': '"', "「": "」", "『": "』"}
+OPEN, CLOSE = "(（", ")）"
+FOLDED_SYMBOLS = "＋－＝％＃＆＠＿／＊＜＞＾｜＄"  # full-width symbols with no Chinese use; Chinese punctuation is kept
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
+
+
+class TextEncodeError(ValueError):
+    """A CLIP this node cannot use, with what to do about it."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Node.
+
+class ZImageChineseTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageChineseTextEncode",
+            display_name="Z-Image Chinese Text Encode",
+            category="Z-Image/conditioning",
+            description="Encodes a Chinese, English or mixed prompt for Z-Image: the same conditioning as CLIP Text "
+                        "Encode for plain text, plus weighted spans (汉服:1.3) / （汉服：1.3）, safe normalisation, "
+                        "quoted text kept intact, and token statistics.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="Z-Image's Qwen3 text encoder (from the Z-Image loader or core CLIP loader)."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, default="",
+                                tooltip="The prompt. (词:1.3) or （词：1.3） weights a span, (词) is 1.1, nested weights "
+                                        "multiply, \\( writes a literal bracket. Text in “”, \"\", 「」 or 『』 is drawn "
+                                        "as written. Empty is an empty prompt (for negatives)."),
+                io.Boolean.Input("normalise", default=True,
+                                 tooltip="Fold full-width letters and digits to ASCII and remove stray whitespace; "
+                                         "Chinese punctuation, traditional characters and quoted text are kept."),
+                io.Combo.Input("template", options=list(TEMPLATES), default="z-image chat",
+                               tooltip="z-image chat: the chat template Z-Image was trained with (what core uses). "
+                                       "raw: the text alone, for experiments."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="CONDITIONING"),
+                     PromptStats.Output(display_name="prompt_stats",
+                                        tooltip="Token count, truncation, spans, quotes and C_text (for the k_gen report)."),
+                     io.String.Output(display_name="stats_json", tooltip="The statistics as JSON.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, normalise=True, template="z-image chat") -> io.NodeOutput:
+        if clip is None:
+            raise TextEncodeError("No CLIP is connected. Connect the CLIP output of the Z-Image Checkpoint Loader.")
+        conditioning, stats = encode(clip, text, normalise, template)
+        line = f"{stats['tokens']} tokens (max {stats['max_tokens']})"
+        if stats["truncated"]:
+            line += f" — cut: {stats['cut_text'][:80]}"
+        if stats["spans"]:
+            line += ", weighted: " + ", ".join(f"{s['text']}×{s['weight']:g}" for s in stats["spans"])
+        return io.NodeOutput(conditioning, stats, json.dumps(stats, ensure_ascii=False), ui={"text": [line]})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing weights.
+
+@dataclass
+class Segment:
+    text: str
+    weight: float = 1.0
+    quoted: bool = False
+
+
+def parse(text: str) -> list[Segment]:
+    """Split a prompt into segments with weights. Never raises: anything that is not valid syntax is text."""
+    segments: list[Segment] = []
+    _parse(text, 0, len(text), 1.0, segments)
+    merged: list[Segment] = []
+    for s in segments:  # neighbours with the same weight and kind become one
+        if merged and merged[-1].weight == s.weight and merged[-1].quoted == s.quoted and s.text:
+            merged[-1].text += s.text
+        elif s.text:
+            merged.append(s)
+    return merged
+
+
+def _parse(text: str, start: int, end: int, weight: float, out: list[Segment]) -> None:
+    i, buf = start, []
+
+    def flush():
+        if buf:
+            out.append(Segment("".join(buf), weight))
+            buf.clear()
+
+    while i < end:
+        c = text[i]
+        if c == "\\" and i + 1 < end and text[i + 1] in OPEN + CLOSE + "\\":
+            buf.append(text[i + 1])
+            i += 2
+        elif c in QUOTES and (j := text.find(QUOTES[c], i + 1, end)) != -1:
+            flush()
+            out.append(Segment(text[i:j + 1], weight, quoted=True))
+            i = j + 1
+        elif c in OPEN and (j := matching(text, i, end)) != -1:
+            inner, group_weight = group(text[i + 1:j], c == "(")
+            if group_weight is None:  # a bare full-width bracket: ordinary text, its inside still parsed
+                buf.append(c)
+                flush()
+                _parse(text, i + 1, j, weight, out)
+                buf.append(text[j])
+            else:
+                flush()
+                _parse(text, i + 1, i + 1 + len(inner), weight * group_weight, out)
+            i = j + 1
+        else:
+            buf.append(c)
+            i += 1
+    flush()
+
+
+def matching(text: str, i: int, end: int) -> int:
+    """Index of the bracket closing the one at i (either width closes either), or -1."""
+    depth, k = 0, i
+    while k < end:
+        c = text[k]
+        if c == "\\":
+            k += 2
+            continue
+        if c in QUOTES and (q := text.find(QUOTES[c], k + 1, end)) != -1:
+            k = q + 1
+            continue
+        if c in OPEN:
+            depth += 1
+        elif c in CLOSE:
+            depth -= 1
+            if depth == 0:
+                return k
+        k += 1
+    return -1
+
+
+WEIGHT = re.compile(r"^(.*)[:：]\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$", re.DOTALL)
+
+
+def group(inner: str, ascii_bracket: bool) -> tuple[str, float | None]:
+    """(text, weight) of a bracket group: an explicit `:w` / `：w`, else 1.1 for ASCII brackets and None
+    (not a weight) for full-width ones."""
+    m = WEIGHT.match(inner)
+    if m:
+        return m.group(1), float(m.group(2))
+    return inner, (1.1 if ascii_bracket else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Normalisation.
+
+def normalise_text(text: str) -> str:
+    """Full-width ASCII letters, digits and a few symbols to ASCII, whitespace runs to one space, no space between two
+    Chinese characters, none at the ends. Chinese punctuation and everything else unchanged."""
+    folded = "".join(chr(ord(c) - 0xFEE0) if ("０" <= c <= "９" or "Ａ" <= c <= "Ｚ" or "ａ" <= c <= "ｚ"
+                                             or c in FOLDED_SYMBOLS) else c for c in text)
+    folded = re.sub(r"[ \t\u3000\u00a0]+", " ", folded)
+    folded = re.sub(r" *\n[ \n]*", "\n", folded)
+    return re.sub(r"(?<=[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]) (?=[\u3000-\u303f\u3400-\u9fff\uff00-\uffef])", "",
+                  folded)
+
+
+def normalise_segments(segments: list[Segment]) -> list[Segment]:
+    """Normalise the unquoted text; whitespace at the prompt's ends goes, at segment joins it is judged on
+    the joined text."""
+    out = [Segment(s.text if s.quoted else normalise_text(s.text), s.weight, s.quoted) for s in segments]
+    for a, b in zip(out, out[1:], strict=False):  # a space between a Chinese end and a Chinese start is stray
+        if not a.quoted and not b.quoted and a.text.endswith(" ") and b.text[:1] and CJK.match(b.text[0]) \
+                and len(a.text) > 1 and CJK.match(a.text[-2]):
+            a.text = a.text[:-1]
+    if out and not out[0].quoted:
+        out[0].text = out[0].text.lstrip()
+    if out and not out[-1].quoted:
+        out[-1].text = out[-1].text.rstrip()
+    return [s for s in out if s.text]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding.
+
+def qwen_tokenizer(clip):
+    """The Z-Image tokenizer inside a CLIP, or a clear error for another text encoder."""
+    tokenizer = getattr(getattr(clip, "tokenizer", None), "qwen3_4b", None)
+    if tokenizer is None:
+        raise TextEncodeError("This CLIP is not Z-Image's Qwen3 text encoder. Load it with the Z-Image Checkpoint "
+                              "Loader (or core CLIP Loader, type lumina2 / qwen_image) and connect its CLIP output.")
+    return tokenizer
+
+
+def encode(clip, text: str, normalise: bool = True, template: str = "z-image chat") -> tuple[list, dict]:
+    """(conditioning, statistics). Plain text goes through core's tokenize and encode unchanged; tokens are
+    mapped back to characters only when there are weights to place or a tail to cut."""
+    if template not in TEMPLATES:
+        raise TextEncodeError(f"template {template!r} is not one of {', '.join(TEMPLATES)}.")
+    inner = qwen_tokenizer(clip)
+    segments = parse(text or "")
+    if normalise:
+        segments = normalise_segments(segments)
+    plain = "".join(s.text for s in segments)
+    llama_template = TEMPLATES[template]
+    tokens = tokenize(clip, plain, llama_template)
+    pairs = tokens["qwen3_4b"][0]
+    n_content = len(pairs) - template_tokens(clip, inner, llama_template) if plain else 0
+    weighted = any(s.weight != 1.0 for s in segments)
+    token_weights: dict[int, float] = {}
+    cut_text, truncated = "", n_content > MAX_TOKENS
+    if weighted or truncated:
+        layout = template_layout(llama_template or CHAT_TEMPLATE, plain)
+        offsets = token_char_offsets(inner.tokenizer, [t for t, _ in pairs], layout.full)
+        content = [i for i, off in enumerate(offsets) if off is not None and layout.start <= off < layout.end]
+        weights = char_weights(segments)
+        token_weights = {i: weights[offsets[i] - layout.start] for i in content}
+        if truncated and len(content) > MAX_TOKENS:
+            cut_text = plain[offsets[content[MAX_TOKENS]] - layout.start:]
+            dropped = set(content[MAX_TOKENS:])
+            kept = [i for i in range(len(pairs)) if i not in dropped]
+            new_index = {old: new for new, old in enumerate(kept)}
+            pairs = [pairs[i] for i in kept]
+            token_weights = {new_index[i]: w for i, w in token_weights.items() if i not in dropped}
+            tokens = dict(tokens, qwen3_4b=[pairs])
+            log.warning("Z-Image Chinese Text Encode: the prompt has %d tokens, more than %d; cut: %s", n_content,
+                        MAX_TOKENS, cut_text[:200])
+            n_content = MAX_TOKENS
+    conditioning = clip.encode_from_tokens_scheduled(tokens)
+    if any(w != 1.0 for w in token_weights.values()):
+        conditioning = apply_weights(conditioning, token_weights, len(pairs))
+    weight_sum = sum(token_weights.values()) if token_weights else float(n_content)
+    stats = {"tokens": n_content, "total_tokens": len(pairs), "max_tokens": MAX_TOKENS, "truncated": bool(cut_text),
+             "cut_text": cut_text,
+             "spans": [{"text": s.text, "weight": round(s.weight, 4)} for s in segments if s.weight != 1.0],
+             "quotes": [s.text[1:-1] for s in segments if s.quoted], "text": plain, "template": template,
+             "c_text": round(weight_sum / MAX_TOKENS, 6),
+             "c_text_definition": "sum of the prompt tokens' weights / 512 (the trained maximum)"}
+    if cut_text:
+        stats["warning"] = f"The prompt is longer than {MAX_TOKENS} tokens; the end was cut: {cut_text[:200]}"
+    return conditioning, stats
+
+
+def tokenize(clip, text: str, llama_template: str | None) -> dict:
+    """Core's tokenization, exactly as CLIPTextEncode calls it for the default template."""
+    return clip.tokenize(text, llama_template=llama_template) if llama_template else clip.tokenize(text)
+
+
+_TEMPLATE_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def template_tokens(clip, inner, llama_template: str | None) -> int:
+    """Tokens the template adds around any prompt (its special tokens never merge with the prompt's)."""
+    if llama_template == "{}":
+        return 0  # raw text: nothing around it (an empty one is padded to one token, counted as none)
+    counts = _TEMPLATE_TOKENS.setdefault(inner, {})
+    if llama_template not in counts:
+        counts[llama_template] = len(tokenize(clip, "", llama_template)["qwen3_4b"][0])
+    return counts[llama_template]
+
+
+@dataclass
+class Layout:
+    full: str  # the text the tokenizer saw
+    start: int  # where the prompt starts in it (characters)
+    end: int
+
+
+def template_layout(template: str, plain: str) -> Layout:
+    prefix = template.split("{}")[0]
+    return Layout(template.format(plain), len(prefix), len(prefix) + len(plain))
+
+
+def char_weights(segments: list[Segment]) -> list[float]:
+    return [s.weight for s in segments for _ in s.text]
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-ins for bytes (Qwen's tokenizer uses the same), inverted."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+BYTE_DECODER = _byte_decoder()
+
+
+def token_char_offsets(tokenizer, ids: list[int], text: str) -> list[int | None]:
+    """Character offset in `text` where each token starts, read from the tokens' own bytes; None for every
+    token if they do not spell the text (an unexpected tokenizer), so that no weight lands on a wrong token."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    data = text.encode("utf-8")
+    char_at = []
+    for i, ch in enumerate(text):
+        char_at.extend([i] * len(ch.encode("utf-8")))
+    offsets, pos = [], 0
+    for tid in ids:
+        piece = tokenizer.convert_ids_to_tokens(tid)
+        try:
+            raw = piece.encode("utf-8") if tid in special else bytes(BYTE_DECODER[c] for c in piece)
+        except KeyError:
+            raw = piece.encode("utf-8")
+        if data[pos:pos + len(raw)] != raw:
+            log.warning("Z-Image Chinese Text Encode: tokens do not spell the text; weights are not applied")
+            return [None] * len(ids)
+        offsets.append(char_at[pos] if pos < len(char_at) else None)
+        pos += len(raw)
+    return offsets
+
+
+def apply_weights(conditioning: list, token_weights: dict[int, float], n_tokens: int) -> list:
+    """h' = μ + w·(h − μ) on the weighted tokens' hidden states, μ the mean over the prompt's tokens."""
+    out = []
+    content = sorted(token_weights)
+    for cond, extra in conditioning:
+        if cond.shape[1] != n_tokens:
+            log.warning("Z-Image Chinese Text Encode: %d hidden states for %d tokens; weights not applied",
+                        cond.shape[1], n_tokens)
+            out.append([cond, extra])
+            continue
+        h = cond.clone()
+        mu = h[:, content].mean(dim=1, keepdim=True)
+        index = torch.tensor([i for i in content if token_weights[i] != 1.0], dtype=torch.long)
+        w = torch.tensor([token_weights[i] for i in index.tolist()], dtype=h.dtype, device=h.device)[None, :, None]
+        h[:, index] = mu + w * (h[:, index] - mu)
+        out.append([h, extra])
+    return out

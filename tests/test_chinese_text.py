@@ -1,0 +1,157 @@
+"""Chinese text encode, in-process: the weight parser (property tests), normalisation, core-identical
+conditioning for plain text, weights, truncation, statistics."""
+from __future__ import annotations
+
+import types
+
+import comfyui_zimage
+import pytest
+import torch
+from comfyui_zimage.nodes import chinese_text as ct
+from comfyui_zimage.nodes.loader import ZImageCheckpointLoader
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+SYNTAX = set("()（）\\\"“”「」『』")
+
+
+def joined(segments) -> str:
+    return "".join(s.text for s in segments)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parser.
+
+@given(st.text())
+@settings(max_examples=500, deadline=None)
+def test_parser_never_crashes_on_any_unicode(text):
+    segments = ct.parse(text)
+    assert all(isinstance(s.text, str) and s.text and s.weight >= 0 for s in segments)
+    ct.normalise_segments(segments)
+
+
+@given(st.text().filter(lambda t: not (set(t) & SYNTAX)))
+@settings(max_examples=300, deadline=None)
+def test_plain_text_round_trips(text):
+    segments = ct.parse(text)
+    assert joined(segments) == text
+    assert all(s.weight == 1.0 and not s.quoted for s in segments)
+
+
+WORD = st.text(alphabet=st.sampled_from("汉服红色圆形abcXYZ 12"), min_size=1, max_size=6).filter(lambda t: t.strip())
+WEIGHT = st.floats(min_value=0.1, max_value=3.0).map(lambda w: round(w, 2))
+
+
+@given(WORD, WORD, WORD, WEIGHT, WEIGHT, st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_nested_spans_multiply(a, b, c, outer, inner, full_width):
+    o, cl, colon = ("（", "）", "：") if full_width else ("(", ")", ":")
+    segments = ct.parse(f"{a}{o}{b}{o}{c}{colon}{inner}{cl}{colon}{outer}{cl}")
+    assert joined(segments) == a + b + c
+    expected = [1.0] * len(a) + [outer] * len(b) + [outer * inner] * len(c)
+    assert ct.char_weights(segments) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("(汉服:1.3)，古风", [("汉服", 1.3), ("，古风", 1.0)]),
+    ("（汉服：1.3）女孩", [("汉服", 1.3), ("女孩", 1.0)]),
+    ("((红色))圆形", [("红色", 1.21), ("圆形", 1.0)]),
+    ("汉服（明制）", [("汉服（明制）", 1.0)]),  # a bare full-width bracket is Chinese text, not a weight
+    (r"\(literal\) text", [("(literal) text", 1.0)]),
+    ("(unclosed", [("(unclosed", 1.0)]),
+    ("（a:x）", [("（a:x）", 1.0)]),
+])
+def test_parser_table(text, expected):
+    assert [(s.text, pytest.approx(s.weight)) for s in ct.parse(text)] == expected
+
+
+def test_quoted_text_is_kept_intact_through_weighting_and_normalisation():
+    for quote in ("“早安(中国:2)　ＡＢ”", '"早安(中国:2)　ＡＢ"', "「早安(中国:2)　ＡＢ」", "『早安(中国:2)　ＡＢ』"):
+        segments = ct.normalise_segments(ct.parse(f"(招牌上写着{quote}:1.2)"))
+        assert joined(segments) == f"招牌上写着{quote}"
+        quoted = [s for s in segments if s.quoted]
+        assert len(quoted) == 1 and quoted[0].text == quote and quoted[0].weight == pytest.approx(1.2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Normalisation.
+
+@pytest.mark.parametrize("text, expected", [
+    ("一只ＲＥＤ狐狸，２０２４年", "一只RED狐狸，2024年"),
+    ("ｚ－ｉｍａｇｅ　１２３  红色  圆形", "z-image 123 红色圆形"),
+    ("  red   circle\n\n\nblue  ", "red circle\nblue"),
+    ("古风少女，汉服：“春眠不觉晓”。", "古风少女，汉服：“春眠不觉晓”。"),  # Chinese punctuation stays
+    ("藍色背景上的紅色圓形", "藍色背景上的紅色圓形"),  # traditional Chinese unchanged
+    ("赛博朋克 城市 夜景, neon lights", "赛博朋克城市夜景, neon lights"),
+    ("「東京」的 霓虹  灯", "「東京」的霓虹灯"),
+    ("a cat, 4k, ｕｌｔｒａ ｄｅｔａｉｌｅｄ", "a cat, 4k, ultra detailed"),
+])
+def test_normalisation_on_real_prompts(text, expected):
+    assert joined(ct.normalise_segments(ct.parse(text))) == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding with the nano text encoder.
+
+@pytest.fixture(scope="module")
+def clip():
+    comfyui_zimage.register_model_folders()
+    return ZImageCheckpointLoader.execute("diffusion_models/nano_zimage_turbo.safetensors", "nano_qwen3.safetensors",
+                                          "nano_ae.safetensors", "default", "default").result[1]
+
+
+def core(clip, text):
+    """What core CLIPTextEncode does."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and x[1].keys() == y[1].keys() and all(
+        torch.equal(x[1][k], y[1][k]) if isinstance(x[1][k], torch.Tensor) else x[1][k] == y[1][k] for k in x[1])
+        for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("text", ["蓝色背景上的红色圆形", "a red circle on a blue background", "左边的绿色正方形，黑色背景",
+                                  "", "藍色背景上的紅色圓形", "招牌上写着“早安中国”"])
+def test_plain_text_conditioning_is_identical_to_core(clip, text):
+    conditioning, stats = ct.encode(clip, text)
+    assert same(conditioning, core(clip, text))
+    assert stats["text"] == text and not stats["truncated"] and stats["spans"] == []
+    assert stats["tokens"] == (0 if not text else len(clip.tokenize(text)["qwen3_4b"][0]) - len(clip.tokenize("")["qwen3_4b"][0]))
+
+
+def test_weight_one_is_the_plain_prompt_and_weights_move_only_their_tokens(clip):
+    plain, _ = ct.encode(clip, "蓝色背景上的红色圆形")
+    one, _ = ct.encode(clip, "蓝色背景上的(红色:1.0)圆形")
+    assert same(one, plain)
+    heavy, stats = ct.encode(clip, "蓝色背景上的(红色:1.6)圆形")
+    assert stats["spans"] == [{"text": "红色", "weight": 1.6}]
+    changed = (heavy[0][0] - plain[0][0]).abs().amax(-1)[0]
+    moved = changed.nonzero().flatten().tolist()
+    assert len(moved) == 1, "only the token of 红色 changes"
+    ids = [t for t, _ in clip.tokenize("蓝色背景上的红色圆形")["qwen3_4b"][0]]
+    assert clip.tokenizer.qwen3_4b.tokenizer.decode([ids[moved[0]]]) == "红色"
+    assert torch.isfinite(heavy[0][0]).all()
+    assert stats["c_text"] > ct.encode(clip, "蓝色背景上的红色圆形")[1]["c_text"]
+
+
+def test_long_prompts_are_cut_at_512_tokens_and_say_what_was_cut(clip):
+    text = "，".join(f"第{i}个红色圆形" for i in range(200)) + "，结尾的蓝色星形"
+    conditioning, stats = ct.encode(clip, text)
+    assert stats["truncated"] and stats["tokens"] == 512
+    assert stats["cut_text"] and text.endswith(stats["cut_text"]) and "结尾的蓝色星形" in stats["cut_text"]
+    assert conditioning[0][0].shape[1] == 512 + len(clip.tokenize("")["qwen3_4b"][0])
+
+
+def test_raw_template_and_statistics(clip):
+    raw, stats = ct.encode(clip, "红色圆形", template="raw")
+    assert raw[0][0].shape[1] == stats["tokens"] == stats["total_tokens"]
+    assert ct.encode(clip, "", template="raw")[1]["tokens"] == 0
+    _, stats = ct.encode(clip, "(招牌:1.5)上写着“早安中国”和「晚安」")
+    assert stats["quotes"] == ["早安中国", "晚安"]
+    assert stats["spans"] == [{"text": "招牌", "weight": 1.5}]
+
+
+def test_a_clip_that_is_not_qwen_is_refused():
+    with pytest.raises(ct.TextEncodeError, match="not Z-Image's Qwen3"):
+        ct.encode(types.SimpleNamespace(tokenizer=types.SimpleNamespace()), "红色")

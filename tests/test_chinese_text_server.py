@@ -1,0 +1,87 @@
+"""Chinese text encode in real graphs on a real ComfyUI server, and the zh locale of every node."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from conftest import REPO_ROOT
+from PIL import Image
+
+from nano import detector
+
+NANO = {"model": "diffusion_models/nano_zimage_turbo.safetensors", "text_encoder": "nano_qwen3.safetensors",
+        "vae": "nano_ae.safetensors", "weight_dtype": "default", "compute_dtype": "default"}
+
+
+def graph(text: str, prefix: str, seed: int = 42, encoder: str = "ZImageChineseTextEncode") -> dict:
+    encode = ({"clip": ["1", 1], "text": text, "normalise": True, "template": "z-image chat"}
+              if encoder == "ZImageChineseTextEncode" else {"clip": ["1", 1], "text": text})
+    negative = dict(encode, text="")
+    return {
+        "1": {"class_type": "ZImageCheckpointLoader", "inputs": dict(NANO)},
+        "2": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": ["1", 5]}},
+        "3": {"class_type": encoder, "inputs": encode},
+        "4": {"class_type": encoder, "inputs": negative},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "6": {"class_type": "KSampler",
+              "inputs": {"model": ["2", 0], "seed": seed, "steps": ["1", 3], "cfg": ["1", 4], "sampler_name": ["1", 6],
+                         "scheduler": ["1", 7], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+                         "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": prefix}},
+    }
+
+
+def picture(client, result, prefix) -> Image.Image:
+    image = next(i for i in result.images() if i["filename"].startswith(prefix))
+    return Image.open(io.BytesIO(client.view(image))).convert("RGB")
+
+
+def test_plain_prompt_gives_the_same_picture_as_core_clip_text_encode(client):
+    ours = client.run(graph("蓝色背景上的红色圆形", "zh-ours"), timeout=300)
+    core = client.run(graph("蓝色背景上的红色圆形", "zh-core", encoder="CLIPTextEncode"), timeout=300)
+    assert ours.status == core.status == "success", (ours.error, core.error)
+    assert np.array_equal(np.asarray(picture(client, ours, "zh-ours")), np.asarray(picture(client, core, "zh-core")))
+    assert ours.outputs["3"]["text"][0].startswith("5 tokens (max 512)")
+
+
+def test_chinese_prompt_and_its_english_translation_read_the_same(client):
+    """The attributes nano-turbo draws reliably: the background and the object's colour."""
+    readings = {}
+    for lang, text in (("zh", "蓝色背景上的红色圆形"), ("en", "a red circle on a blue background")):
+        result = client.run(graph(text, f"pair-{lang}"), timeout=300)
+        assert result.status == "success", result.error
+        readings[lang] = detector.read(picture(client, result, f"pair-{lang}"))
+    zh, en = readings["zh"], readings["en"]
+    assert zh.background == en.background == "blue"
+    assert {b.colour for b in zh.objects} == {b.colour for b in en.objects} == {"red"}
+
+
+def test_weighted_span_changes_the_picture(client):
+    plain = client.run(graph("蓝色背景上的红色圆形", "w-plain", seed=3), timeout=300)
+    weighted = client.run(graph("蓝色背景上的(红色:1.8)圆形", "w-heavy", seed=3), timeout=300)
+    assert plain.status == weighted.status == "success"
+    a = np.asarray(picture(client, plain, "w-plain"), dtype=np.float32)
+    b = np.asarray(picture(client, weighted, "w-heavy"), dtype=np.float32)
+    assert np.abs(a - b).mean() > 0.5
+    assert "红色×1.8" in weighted.outputs["3"]["text"][0]
+
+
+def test_every_node_and_input_has_a_chinese_locale_entry(client):
+    info = client.object_info()
+    zh = client.get_json("/i18n")["zh"]
+    defs, categories = zh["nodeDefs"], zh["nodeCategories"]
+    ours = {name: node for name, node in info.items() if name.startswith("ZImage")}
+    assert len(ours) == 8
+    for name, node in ours.items():
+        entry = defs[name]
+        assert entry["display_name"] and entry["description"], name
+        inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
+        for input_name in inputs:
+            assert entry["inputs"][input_name]["name"] and entry["inputs"][input_name]["tooltip"], (name, input_name)
+        assert len(entry["outputs"]) == len(node["output"]), name
+        for part in node["category"].split("/"):
+            assert part in categories, (name, part)
+    on_disk = json.loads((REPO_ROOT / "locales" / "zh" / "nodeDefs.json").read_text(encoding="utf-8"))
+    assert set(on_disk) == set(ours)
