@@ -180,9 +180,16 @@ class Run:
         self.completed, self.error = completed, error
         if self.telemetry is not None:
             self.telemetry.stop()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.times = [self.start_stamp.elapsed_time(e.stamp) / 1000.0 for e in self.evaluations]
+        if not self.evaluations:
+            self.times = []
+        elif self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.device)
+                self.times = [self.start_stamp.elapsed_time(e.stamp) / 1000.0 for e in self.evaluations]
+            except RuntimeError as e:  # a failed device: keep the run's own error, drop the times
+                log.warning("k_gen probe: could not read CUDA times: %s", e)
+                self.evaluations.clear()
+                self.times = []
         else:
             self.times = [e.stamp - self.start_stamp for e in self.evaluations]
         self.sigmas = [float(e.sigma.flatten()[0]) for e in self.evaluations]
@@ -209,13 +216,10 @@ class Probe:
         telemetry = Telemetry.start(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-        else:
-            start = time.perf_counter()
+        # Δt starts at the first evaluation, not here: sampling first loads the model and prepares the conds
         run = Run(device=device, latent_shape=tuple(noise.shape), planned_steps=max(0, len(sigmas) - 1),
                   spatial_ratio=getattr(self.latent_format, "spacial_downscale_ratio", 8),
-                  start_stamp=start, telemetry=telemetry)
+                  start_stamp=None, telemetry=telemetry)
         self.run, self.runs = run, self.runs + 1
         try:
             out = executor(*args, **kwargs)
@@ -226,28 +230,41 @@ class Probe:
         return out
 
     def predict_noise_wrapper(self, executor, x, timestep, model_options, seed):
-        out = executor(x, timestep, model_options, seed)
         run = self.run
-        if run is not None and not run.completed and run.error is None:
+        recording = run is not None and not run.completed and run.error is None
+        if recording and run.start_stamp is None:
+            run.start_stamp = stamp(run.device)
+        out = executor(x, timestep, model_options, seed)
+        if recording:
             run.evaluations.append(self.evaluation(run, timestep, out))
         return out
 
     def evaluation(self, run: Run, timestep, out) -> Evaluation:
         x0 = out.detach()
-        if x0.ndim == 5:  # video-shaped latents: keep the first frame
+        video = x0.ndim == 5
+        if video:  # video-shaped latents (B, C, T, H, W): keep the first frame
             x0 = x0[:, :, 0]
         if x0.ndim == 4 and max(x0.shape[-2:]) > self.x0_size:
             h, w = x0.shape[-2:]
             scale = self.x0_size / max(h, w)
             x0 = F.adaptive_avg_pool2d(x0.float(), (max(1, round(h * scale)), max(1, round(w * scale))))
-        if run.device.type == "cuda":
-            stamp = torch.cuda.Event(enable_timing=True)
-            stamp.record()
-            peak = torch.cuda.max_memory_allocated(run.device)
-        else:
-            stamp, peak = time.perf_counter(), None
-        return Evaluation(sigma=timestep.detach().flatten()[:1].clone(), x0=x0.clone(), stamp=stamp,
+        if self.latent_format is not None:  # into the LATENT's scaling: a per-channel affine map, so after pooling
+            x0 = self.latent_format.process_out(x0[:, :, None] if video else x0)
+            x0 = x0[:, :, 0] if video else x0
+        peak = torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None
+        return Evaluation(sigma=timestep.detach().flatten()[:1].clone(), x0=x0.clone(), stamp=stamp(run.device),
                           peak_bytes=peak)
+
+
+def stamp(device: torch.device):
+    """Now, as the device sees it: a CUDA event recorded on the device's stream (read after the run), or the
+    CPU's perf_counter."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        return event
+    return time.perf_counter()
 
 
 class Telemetry:
@@ -346,14 +363,13 @@ def make_report(probe: Probe, final_latent: torch.Tensor, c_text: float, thresho
         report["telemetry_unavailable"] = telemetry_unavailable_reason(run.device)
         messages.append("No GPU temperature: " + report["telemetry_unavailable"] + " (no Arrhenius fit).")
 
-    final = pool_like(final_latent, run.x0.shape[-2:])
     x0, latent_format = run.x0, probe.latent_format
-    if x0.shape[1:] != final.shape:
-        messages.append(f"The samples input ({tuple(final_latent.shape)}) is not the output of this run "
-                        f"({tuple(run.latent_shape)}): no convergence curve.")
+    if tuple(final_latent.shape) != tuple(run.latent_shape):
+        messages.append(f"The samples input {tuple(final_latent.shape)} is not the output of the probe's last run "
+                        f"{tuple(run.latent_shape)} (the probe keeps only the last run of its MODEL): no convergence "
+                        "curve.")
     else:
-        if latent_format is not None:
-            x0 = latent_format.process_out(x0)  # the sampler's LATENT is in the output scaling
+        final = pool_like(final_latent, x0.shape[-2:])
         curve = convergence(x0, final)
         report["convergence"] = [round(v, 6) for v in curve]
         report["fit"] = kinetics_fit(run.times, curve, c_text)
@@ -362,8 +378,9 @@ def make_report(probe: Probe, final_latent: torch.Tensor, c_text: float, thresho
             messages.append(report["fit"]["error"])
         if image_space:
             factors = getattr(latent_format, "latent_rgb_factors", None)
-            if factors is None:
-                messages.append("This model's latent format has no latent-to-RGB factors: no image-space curve.")
+            if factors is None or len(factors) != x0.shape[2]:
+                messages.append("This model's latent format has no latent-to-RGB factors for its channels: no "
+                                "image-space curve.")
             else:
                 bias = getattr(latent_format, "latent_rgb_factors_bias", None)
                 rgb, target = latent_rgb(x0, factors, bias), latent_rgb(final, factors, bias)
@@ -457,7 +474,7 @@ def arrhenius(points: list[tuple[float, float]]) -> dict:
     if len(temps) < MIN_ARRHENIUS_TEMPERATURES:
         return {"n": len(points), "distinct_temperatures": len(temps),
                 "error": f"Arrhenius needs runs at {MIN_ARRHENIUS_TEMPERATURES} or more distinct GPU temperatures; "
-                         f"the history has {len(temps)} for this model, device and resolution."}
+                         f"the history has {len(temps)} for this model, device, resolution and batch."}
     slope, intercept, r2 = fit_line([1.0 / (t + 273.15) for t, _ in points], [math.log(k) for _, k in points])
     return {"n": len(points), "distinct_temperatures": len(temps), "ea_over_r_k": -slope, "ln_a": intercept, "r2": r2}
 
@@ -472,6 +489,8 @@ def history_path(name: str) -> Path:
     if not name.strip() or path == base or not path.is_relative_to(base):
         raise KGenError(f"history_file {name!r} is outside ComfyUI's user directory ({base}); give a path inside it, "
                         f"such as {DEFAULT_HISTORY!r}.")
+    if path.suffix != ".jsonl" or path.is_dir():  # never take over (or move aside) another file of the user directory
+        raise KGenError(f"history_file {name!r} must name a .jsonl file, such as {DEFAULT_HISTORY!r}.")
     return path
 
 
@@ -507,15 +526,19 @@ def update_history(name: str, report: dict) -> dict:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(entry, ensure_ascii=False) + "\n")
     entries.append(entry)
-    key = (entry["label"], entry["device"], entry["resolution"])
-    same = [e for e in entries if (e.get("label"), e.get("device"), e.get("resolution")) == key
-            and e.get("temperature_c") is not None and e.get("k_gen")]
+    def key(e):
+        return e.get("label"), e.get("device"), e.get("resolution"), e.get("batch")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    same = [e for e in entries if key(e) == key(entry) and number(e.get("temperature_c")) and number(e.get("k_gen"))
+            and e["k_gen"] > 0]
     fit = arrhenius([(e["temperature_c"], e["k_gen"]) for e in same])
     if fit.get("error"):
         report["messages"].append(fit["error"])
     return {"saved": True, "file": str(path.relative_to(Path(folder_paths.get_user_directory()).resolve())),
-            "runs": len(entries), "runs_same_key": len([e for e in entries if (e.get("label"), e.get("device"),
-                                                                               e.get("resolution")) == key]),
+            "runs": len(entries), "runs_same_key": len([e for e in entries if key(e) == key(entry)]),
             "arrhenius": fit, "arrhenius_points": [(e["temperature_c"], e["k_gen"]) for e in same]}
 
 

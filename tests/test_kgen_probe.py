@@ -174,6 +174,14 @@ def test_interrupted_run_keeps_what_ran_and_says_so(nano, dirs):
     assert r["completed"] and r["nfe"] == 6
 
 
+def test_samples_from_another_run_give_a_message_not_a_wrong_curve(nano, dirs):
+    model, cond, uncond = nano
+    patched, record = probe(model)
+    sample(patched, cond, uncond, batch=2)
+    _, r = report(record, torch.zeros(1, 16, 16, 16))
+    assert "convergence" not in r and any("not the output of the probe's last run" in m for m in r["messages"])
+
+
 def test_report_before_any_sampling_is_a_clear_error(nano):
     _, record = probe(nano[0])
     with pytest.raises(kg.KGenError, match="no sampling run"):
@@ -186,17 +194,23 @@ def test_report_before_any_sampling_is_a_clear_error(nano):
 def test_history_appends_and_fits_arrhenius_over_three_temperatures(dirs):
     history = dirs / "user" / "zimage-kgen" / "history.jsonl"
     history.parent.mkdir(parents=True)
-    rows = [{"label": "z-image-turbo", "device": "gpu", "resolution": "1024x1024", "temperature_c": t,
+    rows = [{"label": "z-image-turbo", "device": "gpu", "resolution": "1024x1024", "batch": 1, "temperature_c": t,
              "k_gen": math.exp(9.8 - 1200 / (t + 273.15))} for t in (50.0, 60.0)]
-    rows.append({"label": "z-image-base", "device": "gpu", "resolution": "1024x1024", "temperature_c": 70.0, "k_gen": 1.0})
+    rows.append({"label": "z-image-base", "device": "gpu", "resolution": "1024x1024", "batch": 1, "temperature_c": 70.0,
+                 "k_gen": 1.0})  # another model
+    rows.append({"label": "z-image-turbo", "device": "gpu", "resolution": "1024x1024", "batch": 4, "temperature_c": 40.0,
+                 "k_gen": 30.0})  # another batch size
+    rows.append({"label": "z-image-turbo", "device": "gpu", "resolution": "1024x1024", "batch": 1, "temperature_c": "45",
+                 "k_gen": "x"})  # hand-edited nonsense: kept in the file, left out of the fit
     history.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     t = 70.0
     report = {"label": "z-image-turbo", "device": "gpu", "resolution": "1024x1024", "batch": 1, "nfe": 8,
               "seconds": 1.0, "k_gen": math.exp(9.8 - 1200 / (t + 273.15)), "temperature_c": t, "messages": []}
     result = kg.update_history(kg.DEFAULT_HISTORY, report)
-    assert result["saved"] and result["runs"] == 4 and result["runs_same_key"] == 3
+    assert result["saved"] and result["runs"] == 6 and result["runs_same_key"] == 4
+    assert result["arrhenius"]["n"] == 3
     assert result["arrhenius"]["ea_over_r_k"] == pytest.approx(1200, rel=1e-6)
-    assert len(history.read_text(encoding="utf-8").splitlines()) == 4
+    assert len(history.read_text(encoding="utf-8").splitlines()) == 6
 
 
 def test_corrupt_history_is_kept_aside_and_a_new_one_started(dirs):
@@ -219,3 +233,16 @@ def test_history_path_outside_the_user_directory_is_refused(dirs, name):
     result = kg.update_history(name, report)
     assert not result["saved"] and "outside ComfyUI's user directory" in result["error"]
     assert not (dirs / "escape.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["default/comfy.settings.json", "zimage-kgen"])
+def test_history_must_be_a_jsonl_file_so_other_user_files_are_never_moved_aside(dirs, name):
+    settings = dirs / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text('{"Comfy.Locale": "zh"}', encoding="utf-8")
+    (dirs / "user" / "zimage-kgen").mkdir()
+    report = {"label": "x", "device": "cpu", "resolution": "64x64", "batch": 1, "nfe": 2, "seconds": 0.5, "k_gen": 4.0,
+              "messages": []}
+    result = kg.update_history(name, report)
+    assert not result["saved"] and ".jsonl" in result["error"]
+    assert settings.read_text(encoding="utf-8") == '{"Comfy.Locale": "zh"}'
