@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import unicodedata
 import weakref
 from dataclasses import dataclass
 
@@ -83,6 +84,8 @@ class ZImageChineseTextEncode(io.ComfyNode):
             line += f" — cut: {stats['cut_text'][:80]}"
         if stats["spans"]:
             line += ", weighted: " + ", ".join(f"{s['text']}×{s['weight']:g}" for s in stats["spans"])
+        if stats.get("warning") and not stats["truncated"]:
+            line += " — " + stats["warning"]
         return io.NodeOutput(conditioning, stats, json.dumps(stats, ensure_ascii=False), ui={"text": [line]})
 
 
@@ -167,12 +170,18 @@ def matching(text: str, i: int, end: int) -> int:
 WEIGHT = re.compile(r"^(.*)[:：]\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$", re.DOTALL)
 
 
+FULL_WIDTH_MAX_WEIGHT = 3.0
+
+
 def group(inner: str, ascii_bracket: bool) -> tuple[str, float | None]:
     """(text, weight) of a bracket group: an explicit `:w` / `：w`, else 1.1 for ASCII brackets and None
-    (not a weight) for full-width ones."""
+    (not a weight) for full-width ones. Chinese text puts ratios and scores in full-width brackets —
+    （画幅比例 16：9）, （比分 3：1） — so there a weight needs a non-digit before the colon and at most 3."""
     m = WEIGHT.match(inner)
     if m:
-        return m.group(1), float(m.group(2))
+        text, weight = m.group(1), float(m.group(2))
+        if ascii_bracket or (text.rstrip()[-1:] and not text.rstrip()[-1].isdigit() and weight <= FULL_WIDTH_MAX_WEIGHT):
+            return text, weight
     return inner, (1.1 if ascii_bracket else None)
 
 
@@ -226,6 +235,8 @@ def encode(clip, text: str, normalise: bool = True, template: str = "z-image cha
     segments = parse(text or "")
     if normalise:
         segments = normalise_segments(segments)
+    # the tokenizer composes to NFC itself; doing it first keeps the characters and the tokens in step
+    segments = [Segment(unicodedata.normalize("NFC", s.text), s.weight, s.quoted) for s in segments]
     plain = "".join(s.text for s in segments)
     llama_template = TEMPLATES[template]
     tokens = tokenize(clip, plain, llama_template)
@@ -233,13 +244,19 @@ def encode(clip, text: str, normalise: bool = True, template: str = "z-image cha
     n_content = len(pairs) - template_tokens(clip, inner, llama_template) if plain else 0
     weighted = any(s.weight != 1.0 for s in segments)
     token_weights: dict[int, float] = {}
+    problems: list[str] = []
     cut_text, truncated = "", n_content > MAX_TOKENS
     if weighted or truncated:
         layout = template_layout(llama_template or CHAT_TEMPLATE, plain)
         offsets = token_char_offsets(inner.tokenizer, [t for t, _ in pairs], layout.full)
         content = [i for i, off in enumerate(offsets) if off is not None and layout.start <= off < layout.end]
         weights = char_weights(segments)
-        token_weights = {i: weights[offsets[i] - layout.start] for i in content}
+        ends = offsets[1:] + [len(layout.full)]  # offsets are all known or all None
+        token_weights = {i: token_weight(plain, weights, offsets[i] - layout.start, ends[i] - layout.start)
+                         for i in content}
+        if weighted and not content and plain.strip():
+            problems.append("The prompt's tokens could not be matched to its characters, so its weights were not "
+                            "applied (unusual escapes or characters).")
         if truncated and len(content) > MAX_TOKENS:
             cut_text = plain[offsets[content[MAX_TOKENS]] - layout.start:]
             dropped = set(content[MAX_TOKENS:])
@@ -262,7 +279,12 @@ def encode(clip, text: str, normalise: bool = True, template: str = "z-image cha
              "c_text": round(weight_sum / MAX_TOKENS, 6),
              "c_text_definition": "sum of the prompt tokens' weights / 512 (the trained maximum)"}
     if cut_text:
-        stats["warning"] = f"The prompt is longer than {MAX_TOKENS} tokens; the end was cut: {cut_text[:200]}"
+        problems.append(f"The prompt is longer than {MAX_TOKENS} tokens; the end was cut: {cut_text[:200]}")
+    elif truncated:
+        problems.append(f"The prompt is longer than {MAX_TOKENS} tokens, but its tokens could not be matched to its "
+                        "characters, so it was not cut.")
+    if problems:
+        stats["warning"] = " ".join(problems)
     return conditioning, stats
 
 
@@ -298,6 +320,13 @@ def template_layout(template: str, plain: str) -> Layout:
 
 def char_weights(segments: list[Segment]) -> list[float]:
     return [s.weight for s in segments for _ in s.text]
+
+
+def token_weight(plain: str, weights: list[float], start: int, end: int) -> float:
+    """A token's weight: the one furthest from 1 among the non-space characters it covers. BPE joins a leading
+    space or a neighbouring character to a word (" red", 的女孩), and a weight must not be lost to that."""
+    covered = [weights[i] for i in range(start, min(end, len(weights))) if not plain[i].isspace()]
+    return max(covered, key=lambda w: abs(w - 1.0)) if covered else weights[start]
 
 
 def _byte_decoder() -> dict[str, int]:

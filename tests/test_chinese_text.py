@@ -9,7 +9,7 @@ import pytest
 import torch
 from comfyui_zimage.nodes import chinese_text as ct
 from comfyui_zimage.nodes.loader import ZImageCheckpointLoader
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 SYNTAX = set("()（）\\\"“”「」『』")
@@ -46,6 +46,7 @@ WEIGHT = st.floats(min_value=0.1, max_value=3.0).map(lambda w: round(w, 2))
 @settings(max_examples=200, deadline=None)
 def test_nested_spans_multiply(a, b, c, outer, inner, full_width):
     o, cl, colon = ("（", "）", "：") if full_width else ("(", ")", ":")
+    assume(not (full_width and c.rstrip()[-1:].isdigit()))  # （比分 3：1） is a score, not a weight
     segments = ct.parse(f"{a}{o}{b}{o}{c}{colon}{inner}{cl}{colon}{outer}{cl}")
     assert joined(segments) == a + b + c
     expected = [1.0] * len(a) + [outer] * len(b) + [outer * inner] * len(c)
@@ -60,6 +61,9 @@ def test_nested_spans_multiply(a, b, c, outer, inner, full_width):
     (r"\(literal\) text", [("(literal) text", 1.0)]),
     ("(unclosed", [("(unclosed", 1.0)]),
     ("（a:x）", [("（a:x）", 1.0)]),
+    ("（画幅比例 16：9）", [("（画幅比例 16：9）", 1.0)]),  # a ratio in Chinese brackets is text
+    ("（比分：5）", [("（比分：5）", 1.0)]),  # above 3: not a weight in full-width brackets
+    ("(ratio 16:9)", [("ratio 16", 9.0)]),  # ASCII brackets keep core's reading
 ])
 def test_parser_table(text, expected):
     assert [(s.text, pytest.approx(s.weight)) for s in ct.parse(text)] == expected
@@ -133,6 +137,18 @@ def test_weight_one_is_the_plain_prompt_and_weights_move_only_their_tokens(clip)
     assert clip.tokenizer.qwen3_4b.tokenizer.decode([ids[moved[0]]]) == "红色"
     assert torch.isfinite(heavy[0][0]).all()
     assert stats["c_text"] > ct.encode(clip, "蓝色背景上的红色圆形")[1]["c_text"]
+
+
+@pytest.mark.parametrize("text, span", [("a photo of a (red:1.5) car", "red"), ("穿着汉服的(女孩:1.5)", "女孩")])
+def test_a_weight_reaches_tokens_that_bpe_joins_to_a_space_or_a_neighbour(clip, text, span):
+    """BPE joins " red" and 的女孩 into one token each; the weight must still land on it."""
+    plain_text = text.replace(f"({span}:1.5)", span)
+    plain, _ = ct.encode(clip, plain_text)
+    heavy, _ = ct.encode(clip, text)
+    moved = (heavy[0][0] - plain[0][0]).abs().amax(-1)[0].nonzero().flatten().tolist()
+    ids = [t for t, _ in clip.tokenize(plain_text)["qwen3_4b"][0]]
+    decoded = "".join(clip.tokenizer.qwen3_4b.tokenizer.decode([ids[i]]) for i in moved)
+    assert moved and span in decoded
 
 
 def test_long_prompts_are_cut_at_512_tokens_and_say_what_was_cut(clip):
