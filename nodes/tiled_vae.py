@@ -551,7 +551,8 @@ def global_attention(attn, x: torch.Tensor) -> torch.Tensor:
         return attn(x)  # an attention block of another shape: its own forward
     h = attn.norm(x)
     b, c, hh, ww = x.shape
-    q, k, v = (t.reshape(b, 1, c, hh * ww).transpose(2, 3) for t in (attn.q(h), attn.k(h), attn.v(h)))
+    # contiguous (B, 1, N, C), as core passes them: SDPA's fused kernels need a unit-stride last dimension
+    q, k, v = (t.reshape(b, 1, c, hh * ww).transpose(2, 3).contiguous() for t in (attn.q(h), attn.k(h), attn.v(h)))
     del h
     n = hh * ww
     out = torch.empty_like(q)
