@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from nano import detector
-from zimage_client.main_job import nodes_of_type, set_inputs, upload_inputs
+from zimage_client.submit import apply_options, of_type, upload_inputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO_ROOT / "workflows" / "api"
@@ -39,8 +39,8 @@ def is_red_on_blue(image: Image.Image) -> bool:
 
 @pytest.mark.parametrize("text", ["蓝色背景上的红色圆形", "a red circle on a blue background"])
 def test_turbo_workflow_paints_red_on_blue(client, text):
-    prompt = set_inputs(workflow("turbo"), text, seed=42, size=None)
-    for node in nodes_of_type(prompt, "EmptySD3LatentImage"):
+    prompt = apply_options(workflow("turbo"), text=text, seed=42)
+    for _, node in of_type(prompt, ("EmptySD3LatentImage",)):
         node["inputs"]["batch_size"] = 4
     images = images_of(client, client.run(prompt, timeout=600))
     assert len(images) == 4 and images[0].size == (128, 128)
@@ -62,7 +62,7 @@ def test_edit_workflow_runs_on_the_uploaded_image_and_keeps_the_scene(client):
 
 def test_base_workflow_runs_with_cfg_and_a_negative_prompt(client):
     prompt = workflow("base")
-    assert nodes_of_type(prompt, "CLIPTextEncode")[1]["inputs"]["text"] == ""
+    assert of_type(prompt, ("CLIPTextEncode",))[1][1]["inputs"]["text"] == ""
     (image,) = images_of(client, client.run(prompt, timeout=600))
     reading = detector.read(image)
     assert reading.background == "white" and reading.matching(colour="yellow")
@@ -73,5 +73,5 @@ def test_main_job_writes_the_turbo_image(tmp_path):
     result = subprocess.run([sys.executable, "-m", "zimage_client.main_job", "--output-dir", str(out)], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    (png,) = sorted(out.glob("zimage-turbo*.png"))
+    (png,) = sorted(out.glob("*zimage-turbo*.png"))
     assert is_red_on_blue(Image.open(png).convert("RGB"))

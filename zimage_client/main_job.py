@@ -15,39 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from .comfy_api import ComfyError, PromptRejected
+from .comfy_api import ComfyError
 from .runtime import REPO_ROOT
 from .server import ComfyServer
+from .submit import apply_options, run_key, run_one, upload_inputs
 
 DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "api" / "zimage-turbo.json"
-
-
-def nodes_of_type(prompt: dict, class_type: str) -> list[dict]:
-    return [node for node in prompt.values() if node.get("class_type") == class_type]
-
-
-def set_inputs(prompt: dict, text: str | None, seed: int | None, size: int | None) -> dict:
-    """Set prompt text, seed and size on the nodes found by type (ids are not assumed)."""
-    if text is not None:
-        encoders = [n for n in nodes_of_type(prompt, "CLIPTextEncode") if isinstance(n["inputs"].get("text"), str)]
-        encoders[0]["inputs"]["text"] = text
-    if seed is not None:
-        for node in nodes_of_type(prompt, "KSampler"):
-            node["inputs"]["seed"] = seed
-    if size is not None:
-        for node in nodes_of_type(prompt, "EmptySD3LatentImage"):
-            node["inputs"]["width"] = node["inputs"]["height"] = size
-    return prompt
-
-
-def upload_inputs(client, prompt: dict, workflow: Path) -> None:
-    """Upload the images LoadImage nodes name when they ship beside the workflow (the edit example)."""
-    for node in nodes_of_type(prompt, "LoadImage"):
-        for folder in (workflow.parent, workflow.parent.parent):
-            path = folder / str(node["inputs"].get("image", ""))
-            if path.is_file():
-                client.upload_image(path.name, path.read_bytes())
-                break
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +36,15 @@ def main(argv: list[str] | None = None) -> int:
 
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    prompt = set_inputs(json.loads(Path(args.workflow).read_text()), args.prompt, args.seed, args.size)
+    workflow = json.loads(Path(args.workflow).read_text(encoding="utf-8"))
+    prompt = apply_options(workflow, text=args.prompt, seed=args.seed, width=args.size, height=args.size)
+
+    done = sorted(output_dir.glob(f"{run_key(prompt)}_*"))
+    if done:  # the same workflow and settings ran before: no need to start ComfyUI
+        print(f"{len(done)} image(s) from an earlier run with the same settings are in {output_dir}:")
+        for path in done:
+            print(f"  {path}")
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="zimage-main-job-") as work:
         print("starting ComfyUI (headless, 127.0.0.1) …", flush=True)
@@ -74,27 +55,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"{Path(args.workflow).name}", flush=True)
                 client = server.client()
                 upload_inputs(client, prompt, Path(args.workflow))
-                result = client.run(prompt, timeout=args.timeout, on_message=_print_progress)
-                if result.status != "success":
-                    error = result.error or {}
-                    print(f"\nthe workflow failed in node {error.get('node_id')} ({error.get('node_type')}): "
-                          f"{error.get('exception_message', result.status)}", file=sys.stderr)
-                    return 1
-                written = []
-                for image in result.images():
-                    target = output_dir / image["filename"]
-                    target.write_bytes(client.view(image))
-                    written.append(target)
-        except PromptRejected as e:
-            print(str(e), file=sys.stderr)
-            return 2
+                outcome = run_one(client, prompt, output_dir, args.prompt or "", args.timeout, _print_progress)
         except ComfyError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    print(f"\n{len(written)} image(s) written to {output_dir}:")
-    for path in written:
+    if outcome.status not in ("done", "skipped"):
+        print(f"\nthe workflow did not finish ({outcome.status}): {outcome.message}", file=sys.stderr)
+        return 2 if outcome.status == "rejected" else 1
+    print(f"\n{len(outcome.images)} image(s) written to {output_dir}:")
+    for path in outcome.images:
         print(f"  {path}")
-    return 0 if written else 1
+    return 0 if outcome.images else 1
 
 
 def _print_progress(msg: dict) -> None:
