@@ -68,10 +68,9 @@ def compare(clip, texts: list[str], repeats: int) -> dict:
             "time_ratio_vs_core": round(statistics.median(ours_times) / statistics.median(core_times), 4)}
 
 
-def weight_effect(seeds: int) -> dict:
+def weight_effect(model, clip, vae, seeds: int) -> dict:
     """nano-turbo on 蓝色背景上的(红色:w)圆形 for several w, same seeds: the mean absolute pixel change against
     w = 1 and the red objects the detector finds."""
-    model, clip, vae = eval_nano.load("turbo")
     uncond, _ = ct.encode(clip, "")
     rows = {}
     baseline = None
@@ -99,13 +98,13 @@ def main() -> int:
     torch.set_grad_enabled(False)
     eval_nano.register_models()
     started = time.time()
-    _, nano_clip, _ = eval_nano.load("turbo")
+    model, nano_clip, vae = eval_nano.load("turbo")
     repeats = 20 if args.quick else 60
     rows = [{"encoder": "nano qwen3", "texts": "plain", **compare(nano_clip, PLAIN, repeats)},
             {"encoder": "nano qwen3", "texts": "weighted", **compare(nano_clip, WEIGHTED, repeats)}]
     for row in rows:
         print(json.dumps(row, ensure_ascii=False), flush=True)
-    effect = weight_effect(4 if args.quick else 16)
+    effect = weight_effect(model, nano_clip, vae, 4 if args.quick else 16)
     print(json.dumps(effect, ensure_ascii=False), flush=True)
     plain_rows = [r for r in rows if r["texts"] == "plain"]
     figures = {"quick": args.quick, "rows": rows, "weight_effect": effect,

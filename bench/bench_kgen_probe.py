@@ -100,8 +100,7 @@ def overhead(model, cond, uncond, latent, steps, cfg, repeats: int) -> dict:
             "nfe_recorded": len(record.run.times)}
 
 
-def nano_rows(repeats: int) -> list[dict]:
-    model, clip, _ = eval_nano.load("turbo")
+def nano_rows(model, clip, repeats: int) -> list[dict]:
     text = scenes.caption(scenes.random_group_scene(random.Random(1), held_out=True), "zh")
     cond, uncond = eval_nano.encode(clip, text, None), eval_nano.encode(clip, "", None)
     rows = []
@@ -114,9 +113,8 @@ def nano_rows(repeats: int) -> list[dict]:
     return rows
 
 
-def report_seconds(repeats: int = 5) -> float:
+def report_seconds(model, clip, repeats: int = 5) -> float:
     """Time of the report itself (figures and plots; no history), after sampling: not part of the overhead."""
-    model, clip, _ = eval_nano.load("turbo")
     cond, uncond = eval_nano.encode(clip, "红色圆形", None), eval_nano.encode(clip, "", None)
     probed, record = kg.ZImageKGenProbe.execute(model).result
     _, out = sample(probed, cond, uncond, torch.zeros(1, 16, 16, 16), 8, 1.0)
@@ -167,8 +165,9 @@ def main() -> int:
     eval_nano.register_models()
     started = time.time()
     repeats = 20 if args.quick else 60
-    rows = nano_rows(repeats)
-    figures = {"quick": args.quick, "nano": rows, "report_s": report_seconds()}
+    model, clip, _ = eval_nano.load("turbo")
+    rows = nano_rows(model, clip, repeats)
+    figures = {"quick": args.quick, "nano": rows, "report_s": report_seconds(model, clip)}
     if mm.get_torch_device().type == "cuda":
         gpu_overhead, table = gpu_rows(5 if args.quick else 10)
         figures.update(full_size=gpu_overhead, k_gen_table=table)

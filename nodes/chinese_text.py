@@ -35,7 +35,9 @@ CHAT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 QUOTES = {"“": "”", '"': '"', "「": "」", "『": "』"}
 OPEN, CLOSE = "(（", ")）"
 FOLDED_SYMBOLS = "＋－＝％＃＆＠＿／＊＜＞＾｜＄"  # full-width symbols with no Chinese use; Chinese punctuation is kept
-CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
+# Chinese characters, CJK punctuation and full-width forms: a space between two of them is stray
+CHINESE = "[\u3000-\u303f\u3400-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0002fa1f]"
+STRAY_SPACE = re.compile(f"(?<={CHINESE}) (?={CHINESE})")
 
 
 class TextEncodeError(ValueError):
@@ -168,8 +170,6 @@ def matching(text: str, i: int, end: int) -> int:
 
 
 WEIGHT = re.compile(r"^(.*)[:：]\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$", re.DOTALL)
-
-
 FULL_WIDTH_MAX_WEIGHT = 3.0
 
 
@@ -195,17 +195,15 @@ def normalise_text(text: str) -> str:
                                              or c in FOLDED_SYMBOLS) else c for c in text)
     folded = re.sub(r"[ \t\u3000\u00a0]+", " ", folded)
     folded = re.sub(r" *\n[ \n]*", "\n", folded)
-    return re.sub(r"(?<=[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]) (?=[\u3000-\u303f\u3400-\u9fff\uff00-\uffef])", "",
-                  folded)
+    return STRAY_SPACE.sub("", folded)
 
 
 def normalise_segments(segments: list[Segment]) -> list[Segment]:
     """Normalise the unquoted text; whitespace at the prompt's ends goes, at segment joins it is judged on
     the joined text."""
     out = [Segment(s.text if s.quoted else normalise_text(s.text), s.weight, s.quoted) for s in segments]
-    for a, b in zip(out, out[1:], strict=False):  # a space between a Chinese end and a Chinese start is stray
-        if not a.quoted and not b.quoted and a.text.endswith(" ") and b.text[:1] and CJK.match(b.text[0]) \
-                and len(a.text) > 1 and CJK.match(a.text[-2]):
+    for a, b in zip(out, out[1:], strict=False):  # the same rule across a segment join
+        if not a.quoted and not b.quoted and STRAY_SPACE.search(a.text[-2:] + b.text[:1]):
             a.text = a.text[:-1]
     if out and not out[0].quoted:
         out[0].text = out[0].text.lstrip()

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
+from .chinese_text import PromptStats  # made by the Chinese text encode node; carries "c_text"
+
 log = logging.getLogger("comfyui-zimage")
 
 WRAPPER_KEY = "zimage_kgen_probe"
 KGenRecord = io.Custom("ZIMAGE_KGEN_RECORD")
-PromptStats = io.Custom("ZIMAGE_PROMPT_STATS")  # made by the Chinese text encode node; carries "c_text"
 DEFAULT_C_TEXT = 1.0  # with no prompt statistics the fitted slope is k_gen·C_text with C_text = 1
 DEFAULT_HISTORY = "zimage-kgen/history.jsonl"
 NVML_INTERVAL_S = 0.1
@@ -168,6 +170,7 @@ class Run:
     start_stamp: object
     evaluations: list[Evaluation] = field(default_factory=list)
     telemetry: Telemetry | None = None
+    telemetry_unavailable: str | None = None  # why there is no telemetry
     completed: bool = False
     error: str | None = None
     # filled by finish()
@@ -206,21 +209,20 @@ class Probe:
         self.label, self.x0_size = label, x0_size
         self.run: Run | None = None
         self.latent_format = None  # the sampled model's, to put x0 predictions in the LATENT's scaling
-        self.runs = 0
 
     def outer_sample_wrapper(self, executor, *args, **kwargs):
         noise, sigmas = args[0], args[3]
         guider = executor.class_obj
         device = torch.device(guider.model_patcher.load_device)
         self.latent_format = guider.model_patcher.model.latent_format
-        telemetry = Telemetry.start(device)
+        telemetry, why_not = Telemetry.start(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # Δt starts at the first evaluation, not here: sampling first loads the model and prepares the conds
         run = Run(device=device, latent_shape=tuple(noise.shape), planned_steps=max(0, len(sigmas) - 1),
                   spatial_ratio=getattr(self.latent_format, "spacial_downscale_ratio", 8),
-                  start_stamp=None, telemetry=telemetry)
-        self.run, self.runs = run, self.runs + 1
+                  start_stamp=None, telemetry=telemetry, telemetry_unavailable=why_not)
+        self.run = run
         try:
             out = executor(*args, **kwargs)
         except BaseException as e:  # interrupted or failed: keep what was recorded, say why
@@ -278,16 +280,18 @@ class Telemetry:
         self.thread = threading.Thread(target=self.loop, name="zimage-kgen-nvml", daemon=True)
 
     @staticmethod
-    def start(device: torch.device) -> Telemetry | None:
+    def start(device: torch.device) -> tuple[Telemetry | None, str | None]:
+        """(sampling telemetry, None), or (None, why there is none)."""
         if device.type != "cuda":
-            return None
-        handle, pynvml = nvml_handle(device)
+            return None, (f"the model ran on {device.type.upper()}: GPU temperature, clock and power exist only on "
+                          "a CUDA GPU")
+        handle, pynvml_or_reason = nvml_handle(device)
         if handle is None:
-            return None
-        telemetry = Telemetry(handle, pynvml)
+            return None, pynvml_or_reason
+        telemetry = Telemetry(handle, pynvml_or_reason)
         telemetry.sample()
         telemetry.thread.start()
-        return telemetry
+        return telemetry, None
 
     def sample(self) -> None:
         n = self.nvml
@@ -310,7 +314,7 @@ class Telemetry:
 
 
 def nvml_handle(device: torch.device):
-    """The NVML handle of this CUDA device (honouring CUDA_VISIBLE_DEVICES), or (None, reason)."""
+    """(NVML handle of this CUDA device (honouring CUDA_VISIBLE_DEVICES), the pynvml module), or (None, reason)."""
     try:
         import pynvml
     except ImportError:
@@ -322,13 +326,6 @@ def nvml_handle(device: torch.device):
         return pynvml.nvmlDeviceGetHandleByIndex(to_nvml(index) if to_nvml else index), pynvml
     except Exception as e:
         return None, f"NVML is not available: {e}"
-
-
-def telemetry_unavailable_reason(device: torch.device) -> str:
-    if device.type != "cuda":
-        return f"the model ran on {device.type.upper()}: GPU temperature, clock and power exist only on a CUDA GPU"
-    handle, reason = nvml_handle(device)
-    return "NVML gave no readings" if handle is not None else reason
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,7 +357,7 @@ def make_report(probe: Probe, final_latent: torch.Tensor, c_text: float, thresho
         messages.append("Peak memory is measured on CUDA only.")
     report.update(telemetry_summary(run))
     if report.get("temperature_c") is None:
-        report["telemetry_unavailable"] = telemetry_unavailable_reason(run.device)
+        report["telemetry_unavailable"] = run.telemetry_unavailable or "NVML gave no readings"
         messages.append("No GPU temperature: " + report["telemetry_unavailable"] + " (no Arrhenius fit).")
 
     x0, latent_format = run.x0, probe.latent_format
@@ -526,6 +523,7 @@ def update_history(name: str, report: dict) -> dict:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(entry, ensure_ascii=False) + "\n")
     entries.append(entry)
+
     def key(e):
         return e.get("label"), e.get("device"), e.get("resolution"), e.get("batch")
 
@@ -613,7 +611,7 @@ def plot(report: dict) -> torch.Tensor:
             ax_arr.legend(loc="upper right")
     if not points or "ea_over_r_k" not in (history.get("arrhenius") or {}):
         reason = report.get("telemetry_unavailable") or "needs runs at 3 GPU temperatures"
-        ax_arr.text(0.5, 0.5, "no Arrhenius fit:\n" + wrap(reason, 40), ha="center", va="center",
+        ax_arr.text(0.5, 0.5, "no Arrhenius fit:\n" + textwrap.fill(reason, 40), ha="center", va="center",
                     transform=ax_arr.transAxes, fontsize=8)
     ax_arr.set(title="Arrhenius: ln k_gen vs 1/T", xlabel="1/T (1/K)", ylabel="ln k_gen")
     fig.tight_layout()
@@ -621,13 +619,3 @@ def plot(report: dict) -> torch.Tensor:
     rgba = np.asarray(fig.canvas.buffer_rgba())
     return torch.from_numpy(rgba[..., :3].astype(np.float32) / 255.0)[None]
 
-
-def wrap(text: str, width: int) -> str:
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        if line and len(line) + len(w) + 1 > width:
-            lines.append(line)
-            line = w
-        else:
-            line = f"{line} {w}".strip()
-    return "\n".join(lines + [line])
