@@ -445,10 +445,15 @@ def fit_line(x, y) -> tuple[float, float, float]:
     return float(slope), float(intercept), r2
 
 
+FINAL_TOLERANCE = 1e-4
+
+
 def kinetics_fit(times, curve, c_text: float) -> dict:
     """Fit 1/(1 − I) = k_gen·C_text·t + b over the intermediate points (0 ≤ I < 1). Also the first-order form
     ln(1/(1 − I)) = k·C_text·t + b, which is what dI/dt = k·C_text·(1 − I) integrates to exactly."""
-    points = [(t, i) for t, i in zip(times, curve, strict=True) if 0.0 <= i < 1.0 - 1e-9]
+    # The last evaluation of a sampler that ends at sigma 0 predicts the final sample itself, off only by float
+    # rounding (1 − I ≈ 1e-9 here), and 1/(1 − I) would turn that rounding into the fit's whole slope.
+    points = [(t, i) for t, i in zip(times, curve, strict=True) if 0.0 <= i < 1.0 - FINAL_TOLERANCE]
     if len(points) < 2 or len({t for t, _ in points}) < 2:
         return {"points": len(points), "error": f"No fit: it needs at least 2 intermediate predictions (0 ≤ I < 1) "
                                                 f"and this run has {len(points)}; sample more steps."}

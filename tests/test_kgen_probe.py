@@ -43,6 +43,16 @@ def test_fit_needs_two_intermediate_points():
     assert kg.kinetics_fit([0.1, 0.2, 0.3], [0.1, 0.5, 1.0], 1.0)["points"] == 2
 
 
+def test_a_final_prediction_off_by_rounding_does_not_take_over_the_fit():
+    """A sampler ending at sigma 0 predicts the final sample at its last call, equal up to float rounding."""
+    k, times = 5.0, [0.05 * (i + 1) for i in range(8)]
+    curve = [1 - 1 / (k * t + 1) for t in times]
+    exact = kg.kinetics_fit(times + [0.45], curve + [1.0], 1.0)
+    rounded = kg.kinetics_fit(times + [0.45], curve + [1.0 - 2e-9], 1.0)
+    assert rounded["points"] == exact["points"] == len(times)
+    assert rounded["k_gen"] == pytest.approx(k, rel=0.01) == exact["k_gen"]
+
+
 def test_arrhenius_recovers_activation_temperature():
     ea_over_r, ln_a = 1200.0, 9.8
     points = [(t, math.exp(ln_a - ea_over_r / (t + 273.15))) for t in (45.0, 55.0, 63.0, 71.0, 80.0)]
