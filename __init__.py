@@ -25,6 +25,9 @@ async def comfy_entrypoint():
     from .nodes import chinese_text, entropy_attention, kgen_probe, loader, tiled_vae
 
     register_model_folders()
+    from server import PromptServer
+
+    chinese_text.add_routes(PromptServer.instance.routes)
 
     class ZImageExtension(ComfyExtension):
         async def get_node_list(self):

@@ -225,8 +225,17 @@ def qwen_tokenizer(clip):
 
 
 def encode(clip, text: str, normalise: bool = True, template: str = "z-image chat") -> tuple[list, dict]:
-    """(conditioning, statistics). Plain text goes through core's tokenize and encode unchanged; tokens are
-    mapped back to characters only when there are weights to place or a tail to cut."""
+    """(conditioning, statistics). Plain text goes through core's tokenize and encode unchanged."""
+    tokens, token_weights, stats = prepare(clip, text, normalise, template)
+    conditioning = clip.encode_from_tokens_scheduled(tokens)
+    if any(w != 1.0 for w in token_weights.values()):
+        conditioning = apply_weights(conditioning, token_weights, len(tokens["qwen3_4b"][0]))
+    return conditioning, stats
+
+
+def prepare(clip, text: str, normalise: bool = True, template: str = "z-image chat") -> tuple[dict, dict[int, float], dict]:
+    """(core's tokens, the weight of each prompt token by index, statistics). Tokens are mapped back to
+    characters only when there are weights to place or a tail to cut. Needs only the CLIP's tokenizer."""
     if template not in TEMPLATES:
         raise TextEncodeError(f"template {template!r} is not one of {', '.join(TEMPLATES)}.")
     inner = qwen_tokenizer(clip)
@@ -243,6 +252,7 @@ def encode(clip, text: str, normalise: bool = True, template: str = "z-image cha
     weighted = any(s.weight != 1.0 for s in segments)
     token_weights: dict[int, float] = {}
     problems: list[str] = []
+    n_prompt = n_content  # before any cut
     cut_text, truncated = "", n_content > MAX_TOKENS
     if weighted or truncated:
         layout = template_layout(llama_template or CHAT_TEMPLATE, plain)
@@ -266,11 +276,8 @@ def encode(clip, text: str, normalise: bool = True, template: str = "z-image cha
             log.warning("Z-Image Chinese Text Encode: the prompt has %d tokens, more than %d; cut: %s", n_content,
                         MAX_TOKENS, cut_text[:200])
             n_content = MAX_TOKENS
-    conditioning = clip.encode_from_tokens_scheduled(tokens)
-    if any(w != 1.0 for w in token_weights.values()):
-        conditioning = apply_weights(conditioning, token_weights, len(pairs))
     weight_sum = sum(token_weights.values()) if token_weights else float(n_content)
-    stats = {"tokens": n_content, "total_tokens": len(pairs), "max_tokens": MAX_TOKENS, "truncated": bool(cut_text),
+    stats = {"tokens": n_content, "prompt_tokens": n_prompt, "total_tokens": len(pairs), "max_tokens": MAX_TOKENS, "truncated": bool(cut_text),
              "cut_text": cut_text,
              "spans": [{"text": s.text, "weight": round(s.weight, 4)} for s in segments if s.weight != 1.0],
              "quotes": [s.text[1:-1] for s in segments if s.quoted], "text": plain, "template": template,
@@ -283,7 +290,7 @@ def encode(clip, text: str, normalise: bool = True, template: str = "z-image cha
                         "characters, so it was not cut.")
     if problems:
         stats["warning"] = " ".join(problems)
-    return conditioning, stats
+    return tokens, token_weights, stats
 
 
 def tokenize(clip, text: str, llama_template: str | None) -> dict:
@@ -383,3 +390,48 @@ def apply_weights(conditioning: list, token_weights: dict[int, float], n_tokens:
         h[:, index] = mu + w * (h[:, index] - mu)
         out.append([h, extra])
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Live token count for the canvas: POST /zimage/tokens {"text", "normalise", "template"} -> the statistics.
+# The web extension calls it as the user types, so the count is the real tokenizer's, not a guess in JS.
+
+class TokenizerOnly:
+    """What `prepare` needs of a CLIP (its tokenizer), without loading any text-encoder weights."""
+
+    def __init__(self):
+        from comfy.text_encoders.z_image import ZImageTokenizer
+
+        self.tokenizer = ZImageTokenizer(embedding_directory=None, tokenizer_data={})
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+
+
+_TOKENIZER: TokenizerOnly | None = None
+MAX_COUNTED_CHARS = 100_000  # a pasted novel gets an answer, not a stalled server
+
+
+def count_tokens(text: str, normalise: bool = True, template: str = "z-image chat") -> dict:
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = TokenizerOnly()
+    _, _, stats = prepare(_TOKENIZER, text[:MAX_COUNTED_CHARS], normalise, template)
+    return {k: stats[k] for k in ("tokens", "prompt_tokens", "max_tokens", "truncated", "cut_text", "spans", "quotes", "c_text")
+            if k in stats} | {"warning": stats.get("warning", "")}
+
+
+def add_routes(routes) -> None:
+    from aiohttp import web
+
+    @routes.post("/zimage/tokens")
+    async def tokens(request):
+        try:
+            body = await request.json()
+            text = body.get("text", "") if isinstance(body, dict) else None
+            if not isinstance(text, str):
+                raise TextEncodeError('Send a JSON object such as {"text": "蓝色背景上的红色圆形"}.')
+            return web.json_response(count_tokens(text, bool(body.get("normalise", True)),
+                                                  body.get("template", "z-image chat")))
+        except ValueError as e:  # bad JSON or a bad option: say what, keep serving
+            return web.json_response({"error": str(e)}, status=400)

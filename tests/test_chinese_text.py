@@ -155,6 +155,8 @@ def test_long_prompts_are_cut_at_512_tokens_and_say_what_was_cut(clip):
     text = "，".join(f"第{i}个红色圆形" for i in range(200)) + "，结尾的蓝色星形"
     conditioning, stats = ct.encode(clip, text)
     assert stats["truncated"] and stats["tokens"] == 512
+    uncut = len(clip.tokenize(text)["qwen3_4b"][0]) - len(clip.tokenize("")["qwen3_4b"][0])
+    assert stats["prompt_tokens"] == uncut > 512
     assert stats["cut_text"] and text.endswith(stats["cut_text"]) and "结尾的蓝色星形" in stats["cut_text"]
     assert conditioning[0][0].shape[1] == 512 + len(clip.tokenize("")["qwen3_4b"][0])
 

@@ -85,3 +85,30 @@ def test_every_node_and_input_has_a_chinese_locale_entry(client):
             assert part in categories, (name, part)
     on_disk = json.loads((REPO_ROOT / "locales" / "zh" / "nodeDefs.json").read_text(encoding="utf-8"))
     assert set(on_disk) == set(ours)
+
+
+def test_token_count_route_agrees_with_the_node_and_reports_the_cut(client):
+    """The route the canvas counter calls runs the node's own tokenization, with no text encoder loaded."""
+    text = "蓝色背景上的(红色:1.5)圆形，“福”字"
+    result = client.run(graph(text, "count"), timeout=300)
+    assert result.status == "success", result.error
+    node_stats = json.loads(result.outputs["3"]["json"][0]) if "json" in result.outputs["3"] else None
+    status, counted = client.post_json("/zimage/tokens", {"text": text})
+    assert status == 200, counted
+    assert result.outputs["3"]["text"][0].startswith(f"{counted['tokens']} tokens (max 512)")
+    assert counted["spans"] == [{"text": "红色", "weight": 1.5}] and counted["quotes"] == ["福"]
+    assert node_stats is None or node_stats["tokens"] == counted["tokens"]
+
+    too_long = "红色圆形" * 400
+    status, long = client.post_json("/zimage/tokens", {"text": too_long, "normalise": True})
+    assert status == 200 and long["truncated"] and long["tokens"] == 512 < long["prompt_tokens"]
+    assert long["cut_text"] and too_long.endswith(long["cut_text"]) and len(long["cut_text"]) < len(too_long)
+    assert "longer than 512" in long["warning"]
+
+    status, raw = client.post_json("/zimage/tokens", {"text": text, "template": "raw"})
+    assert status == 200 and raw["tokens"] == counted["tokens"]  # the template's tokens are never counted
+
+    for bad in ({"text": 5}, ["text"], {"text": "x", "template": "nope"}):
+        status, answer = client.post_json("/zimage/tokens", bad)
+        assert status == 400 and answer["error"], bad
+    assert client.system_stats()  # and the server keeps serving

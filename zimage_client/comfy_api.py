@@ -57,8 +57,9 @@ class RunResult:
     def outputs(self) -> dict:
         return self.history.get("outputs", {})
 
-    def images(self) -> list[dict]:
-        return [img for out in self.outputs.values() for img in out.get("images", [])]
+    def images(self, types=("output",)) -> list[dict]:
+        """Images the run saved (type "output"); add "temp" for previews, such as the k_gen report's plot."""
+        return [img for out in self.outputs.values() for img in out.get("images", []) if img.get("type", "output") in types]
 
 
 class ComfyClient:
@@ -85,6 +86,14 @@ class ComfyClient:
     def get_bytes(self, path: str) -> bytes:
         with self._request(path) as r:
             return r.read()
+
+    def post_json(self, path: str, payload) -> tuple[int, dict]:
+        """(HTTP status, JSON answer): error answers are returned, not raised, so callers can read them."""
+        try:
+            with self._request(path, data=json.dumps(payload).encode()) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
 
     def system_stats(self) -> dict:
         return self.get_json("/system_stats")
