@@ -3,7 +3,8 @@
 
     python3 install.py                 install (see below); safe to re-run
     python3 install.py run [...]       the main job: turbo workflow on a headless ComfyUI, images to a folder
-    python3 install.py test [...]      the test suite (pytest arguments pass through)
+    python3 install.py test [...]      the test suite (pytest arguments pass through); installs chromium and
+                                       playwright-core for the browser tests where it can
     python3 install.py download [...]  fetch the real Z-Image files (needs internet; never done implicitly)
 
 Inside an existing ComfyUI (this folder sits in ``custom_nodes/`` or ``COMFYUI_PATH`` is set) only the
@@ -40,6 +41,12 @@ TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
 # serves the audio nodes (they log an import error without it, which is harmless).
 SKIPPED_COMFY_REQUIREMENTS = ("torch", "torchvision", "torchaudio")
 PLUGIN_REQUIREMENTS = ROOT / "requirements.txt"
+# The browser tests: Debian's chromium (and a CJK font, so Chinese text renders in it) drives the real
+# frontend through playwright-core from npm, pinned in tests/browser/package-lock.json.
+BROWSER_DIR = ROOT / "tests" / "browser"
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+CJK_FONT = Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc")
+DEBIAN_PACKAGES = ("chromium", "fonts-wqy-microhei")
 DEV_REQUIREMENTS = ROOT / "requirements-dev.txt"
 
 
@@ -136,6 +143,26 @@ def provision_bare(force: bool = False) -> None:
     log("runtime ready")
 
 
+def ensure_browser_tools() -> None:
+    """Install what the browser tests need where this machine allows it; otherwise say why they will skip."""
+    if not (CHROMIUM.exists() and CJK_FONT.exists()):
+        if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+            log("installing " + " ".join(DEBIAN_PACKAGES) + " for the browser tests")
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+            subprocess.run(["apt-get", "install", "-y", "-qq", *DEBIAN_PACKAGES], check=True, env=env)
+        else:
+            log(f"{CHROMIUM} or a CJK font is missing and apt-get cannot run here: install the Debian packages "
+                + " ".join(DEBIAN_PACKAGES) + " (or set CHROMIUM); the browser tests will be skipped")
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        npm = shutil.which("npm")
+        if npm:
+            log("npm ci in tests/browser (playwright-core)")
+            subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=BROWSER_DIR, check=True)
+        else:
+            log("npm is missing: install Node.js 20+; the browser tests will be skipped")
+
+
 def install(args: argparse.Namespace) -> int:
     comfy = existing_comfyui()
     if comfy is not None:
@@ -163,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "run":
         return run_in_runtime("zimage_client.main_job", argv[1:])
     if argv and argv[0] == "test":
-        # Lint first (fast), then the whole suite: unit tests and the real-server tests.
+        # Lint first (fast), then the whole suite: unit tests, the real-server tests and the browser tests.
+        ensure_browser_tools()
         return run_in_runtime("ruff", ["check", "."]) or run_in_runtime("pytest", argv[1:] or ["tests"])
     if argv and argv[0] == "download":
         # Standard library only: no runtime needed, and never run implicitly.

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -48,21 +49,34 @@ def test_turbo_workflow_paints_red_on_blue(client, text):
     assert sum(good) >= 3, [(r.background, [(b.colour, b.shape) for b in r.objects]) for r in map(detector.read, images)]
 
 
-def test_edit_workflow_runs_on_the_uploaded_image_and_keeps_the_scene(client):
+def test_edit_workflow_edits_by_instruction_and_inpaints_only_the_hole(client):
     prompt = workflow("edit")
     upload_inputs(client, prompt, WORKFLOWS / "zimage-edit.json")
     before = detector.read(Image.open(REPO_ROOT / "workflows" / "zimage-edit-example.png"))
     assert before.matching("circle", "red") and before.matching("square", "blue")
-    (image,) = images_of(client, client.run(prompt, timeout=600))
+    result = client.run(prompt, timeout=600)
+    assert result.status == "success", result.error
+    saved = {img["filename"].split("_")[0]: Image.open(io.BytesIO(client.view(img))).convert("RGB") for img in result.images()}
+    image = saved["zimage-edit"]
     after = detector.read(image)
     assert image.size == (128, 128) and after.background == "white", [(b.colour, b.shape) for b in after.objects]
     blue = after.matching(colour="blue")  # the object the instruction does not name stays where it was
     assert blue and abs(blue[0].x - 0.2) < 0.1 and abs(blue[0].y - 0.2) < 0.1
 
+    # Masked inpainting: the upload's transparent pixels are repainted, every other pixel is kept exactly.
+    upload = Image.open(REPO_ROOT / "workflows" / "zimage-inpaint-example.png")
+    alpha = np.asarray(upload)[..., 3]
+    original = np.asarray(upload.convert("RGB")).astype(int)
+    painted = np.asarray(saved["zimage-inpaint"]).astype(int)
+    assert (painted[alpha == 255] == original[alpha == 255]).all()
+    assert np.abs(painted[alpha == 0] - original[alpha == 0]).mean() > 20
+    assert not detector.read(saved["zimage-inpaint"]).matching("circle", "red")
+
 
 def test_base_workflow_runs_with_cfg_and_a_negative_prompt(client):
     prompt = workflow("base")
-    assert of_type(prompt, ("CLIPTextEncode",))[1][1]["inputs"]["text"] == ""
+    sampler = of_type(prompt, ("KSampler",))[0][1]
+    assert prompt[sampler["inputs"]["negative"][0]]["inputs"]["text"] == "模糊，变形" and sampler["inputs"]["cfg"] == ["1", 4]
     (image,) = images_of(client, client.run(prompt, timeout=600))
     reading = detector.read(image)
     assert reading.background == "white" and reading.matching(colour="yellow")

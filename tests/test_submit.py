@@ -8,6 +8,7 @@ import time
 
 import pytest
 from conftest import REPO_ROOT
+from PIL import Image
 
 from zimage_client import submit
 from zimage_client.comfy_api import ComfyClient
@@ -46,10 +47,11 @@ def test_submit_writes_images_and_a_second_run_is_skipped(server, tmp_path, caps
     args = [str(TURBO), "--server", server.url, "--prompt", "黑色背景上的绿色正方形", "--seed", "3", "--out", str(tmp_path),
             "--quiet"]
     assert submit.main(args) == 0
-    images = list(tmp_path.glob("*.png"))
-    assert len(images) == 1 and images[0].stat().st_size > 0
+    images = sorted(tmp_path.glob("*.png"))
+    sizes = sorted(Image.open(path).size for path in images)
+    assert sizes[0] == (128, 128) and sizes[1][0] > 500 and len(sizes) == 2  # the picture and the k_gen plot
     assert submit.main(args) == 0  # resumable: the same run is already there
-    assert list(tmp_path.glob("*.png")) == images
+    assert sorted(tmp_path.glob("*.png")) == images
 
 
 def test_batch_mode_runs_every_line_with_bounded_concurrency_and_prints_a_summary(server, tmp_path, capsys):
@@ -60,9 +62,9 @@ def test_batch_mode_runs_every_line_with_bounded_concurrency_and_prints_a_summar
     code = submit.main([str(TURBO), "--server", server.url, "--prompts-file", str(prompts), "--concurrency", "2",
                         "--out", str(out), "--quiet"])
     assert code == 0
-    assert len(list(out.glob("*.png"))) == 3
+    assert len(list(out.glob("*.png"))) == 3 * 2  # each run's picture and k_gen plot
     printed = capsys.readouterr().out
-    assert "| 3 | 左边的绿色正方形，黑色背景 | done | 1 |" in printed
+    assert "| 3 | 左边的绿色正方形，黑色背景 | done | 2 |" in printed
 
 
 def test_rejected_workflow_prints_node_errors_and_exits_2(server, tmp_path, capsys):

@@ -18,7 +18,7 @@ from pathlib import Path
 from .comfy_api import ComfyError
 from .runtime import REPO_ROOT
 from .server import ComfyServer
-from .submit import apply_options, run_key, run_one, upload_inputs
+from .submit import apply_options, k_gen_line, run_key, run_one, upload_inputs
 
 DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "api" / "zimage-turbo.json"
 
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(outcome.images)} image(s) written to {output_dir}:")
     for path in outcome.images:
         print(f"  {path}")
+    if outcome.k_gen:
+        print(k_gen_line(outcome.k_gen) + " (the plot is the wider image)")
     return 0 if outcome.images else 1
 
 

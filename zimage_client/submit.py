@@ -138,9 +138,7 @@ def run_one(client: ComfyClient, prompt: dict, out: Path, text: str, timeout: fl
         where = f"node {error.get('node_id')} ({error.get('node_type')})"
         return Outcome(text, "failed", seconds=seconds, message=f"{where}: {error.get('exception_message', '')}".strip())
     images = []
-    for image in result.images():
-        if image.get("type") != "output":
-            continue
+    for image in result.images(("output", "temp")):  # saved images, previews and the k_gen plot
         target = out / f"{key}_{image['filename']}"
         target.write_bytes(client.view(image))
         images.append(target)
@@ -157,6 +155,10 @@ def k_gen_of(outputs: dict) -> dict | None:
             if isinstance(report, dict) and "k_gen" in report:
                 return report
     return None
+
+
+def k_gen_line(report: dict) -> str:
+    return f"k_gen {report['k_gen']} s⁻¹ ({report['nfe']} NFE in {report['seconds']} s)"
 
 
 class Progress:
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{o.status}: {o.text}: {o.message}", file=sys.stderr)
         if o.k_gen:
-            print(f"k_gen {o.k_gen['k_gen']} s⁻¹ ({o.k_gen['nfe']} NFE in {o.k_gen['seconds']} s) for {o.text}")
+            print(f"{k_gen_line(o.k_gen)} for {o.text}")
     if len(outcomes) > 1:
         print(summary(outcomes))
     return exit_code(outcomes)
