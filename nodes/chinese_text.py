@@ -277,7 +277,8 @@ def prepare(clip, text: str, normalise: bool = True, template: str = "z-image ch
                         MAX_TOKENS, cut_text[:200])
             n_content = MAX_TOKENS
     weight_sum = sum(token_weights.values()) if token_weights else float(n_content)
-    stats = {"tokens": n_content, "prompt_tokens": n_prompt, "total_tokens": len(pairs), "max_tokens": MAX_TOKENS, "truncated": bool(cut_text),
+    stats = {"tokens": n_content, "prompt_tokens": n_prompt, "total_tokens": len(pairs), "max_tokens": MAX_TOKENS,
+             "truncated": bool(cut_text),
              "cut_text": cut_text,
              "spans": [{"text": s.text, "weight": round(s.weight, 4)} for s in segments if s.weight != 1.0],
              "quotes": [s.text[1:-1] for s in segments if s.quoted], "text": plain, "template": template,

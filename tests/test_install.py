@@ -54,3 +54,28 @@ def test_a_provisioned_runtime_is_not_provisioned_again(install, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", refuse)
     install.provision_bare()  # returns without touching pip
+
+
+def test_browser_tools_are_installed_only_when_missing_and_only_where_apt_can_run(install, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(list(cmd)))
+    monkeypatch.setattr(install, "CHROMIUM", tmp_path / "chromium")
+    monkeypatch.setattr(install, "CJK_FONT", tmp_path / "font.ttc")
+    monkeypatch.setattr(install, "BROWSER_DIR", tmp_path / "browser")
+    monkeypatch.setattr(install.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(install.os, "geteuid", lambda: 0)
+    install.ensure_browser_tools()
+    assert calls[0][:2] == ["apt-get", "update"] and calls[1][-2:] == ["chromium", "fonts-wqy-microhei"]
+    assert calls[2] == ["/usr/bin/npm", "ci", "--no-audit", "--no-fund"]
+
+    calls.clear()  # not root: nothing is installed, and the log says what to do
+    monkeypatch.setattr(install.os, "geteuid", lambda: 1000)
+    install.ensure_browser_tools()
+    assert all(cmd[0] != "apt-get" for cmd in calls) and "fonts-wqy-microhei" in capsys.readouterr().out
+
+    calls.clear()  # everything present: nothing runs
+    (tmp_path / "chromium").write_text("")
+    (tmp_path / "font.ttc").write_text("")
+    (tmp_path / "browser" / "node_modules" / "playwright-core").mkdir(parents=True)
+    install.ensure_browser_tools()
+    assert calls == []

@@ -29,6 +29,8 @@ const KGEN = `## k_gen
 **Z-Image k_gen Probe** records every model call; **Z-Image k_gen Report** shows k_gen = NFE / Δt, the convergence I(t) and its fit after the run, and appends the run to a history in your user folder.`;
 
 const EDIT_NOTE = `## Two ways to edit
+The example pictures are in this package's \`workflows/\` folder (\`zimage-edit-example.png\`, \`zimage-inpaint-example.png\`): upload them, or your own, with the *Load Image* nodes' upload button.
+
 **Top: instruction editing** (nano-edit). Upload a picture in *Load Image* and say what to change: 把红色圆形改成绿色, move the square to the left, 删除三角形. The picture enters the model as reference tokens.
 
 **Bottom: masked inpainting** (nano-turbo). Upload a picture with a transparent hole (or right-click *Load Image* → Open in MaskEditor and paint one) and describe what goes there. Pixels outside the mask are kept exactly.`;
