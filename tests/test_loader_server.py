@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import sampling_graph
+from conftest import REPO_ROOT, sampling_graph
 from PIL import Image
 
 from zimage_client.comfy_api import PromptRejected
@@ -145,6 +145,7 @@ def test_a_pickle_file_is_refused(client):
 
 def test_web_extension_is_served(client):
     scripts = client.get_json("/extensions")
-    ours = [s for s in scripts if s.endswith("/zimage.js")]
-    assert ours, scripts
-    assert b"registerExtension" in client.get_bytes(ours[0])
+    ours = {s.rsplit("/", 1)[-1]: s for s in scripts if "/comfyui-zimage/" in s}
+    assert set(ours) == {p.name for p in (REPO_ROOT / "web").glob("*.js")}, scripts
+    for url in ours.values():
+        assert b"registerExtension" in client.get_bytes(url)
