@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import unicodedata
 import weakref
 from dataclasses import dataclass
@@ -410,29 +411,41 @@ class TokenizerOnly:
 
 
 _TOKENIZER: TokenizerOnly | None = None
-MAX_COUNTED_CHARS = 100_000  # a pasted novel gets an answer, not a stalled server
+_TOKENIZER_LOCK = threading.Lock()
+# 512 tokens are at most a few thousand characters; counting further would only cost the server time
+# (the parser is quadratic in unmatched brackets), so a longer prompt is counted on its start and said so.
+MAX_COUNTED_CHARS = 4000
 
 
 def count_tokens(text: str, normalise: bool = True, template: str = "z-image chat") -> dict:
     global _TOKENIZER
-    if _TOKENIZER is None:
-        _TOKENIZER = TokenizerOnly()
+    with _TOKENIZER_LOCK:
+        if _TOKENIZER is None:
+            _TOKENIZER = TokenizerOnly()
     _, _, stats = prepare(_TOKENIZER, text[:MAX_COUNTED_CHARS], normalise, template)
-    return {k: stats[k] for k in ("tokens", "prompt_tokens", "max_tokens", "truncated", "cut_text", "spans", "quotes", "c_text")
-            if k in stats} | {"warning": stats.get("warning", "")}
+    keys = ("tokens", "prompt_tokens", "max_tokens", "truncated", "cut_text", "spans", "quotes", "c_text")
+    return {k: stats[k] for k in keys} | {"warning": stats.get("warning", ""), "capped": len(text) > MAX_COUNTED_CHARS}
 
 
 def add_routes(routes) -> None:
+    import asyncio
+
     from aiohttp import web
 
     @routes.post("/zimage/tokens")
     async def tokens(request):
         try:
             body = await request.json()
-            text = body.get("text", "") if isinstance(body, dict) else None
-            if not isinstance(text, str):
+            if not isinstance(body, dict) or not isinstance(body.get("text", ""), str):
                 raise TextEncodeError('Send a JSON object such as {"text": "蓝色背景上的红色圆形"}.')
-            return web.json_response(count_tokens(text, bool(body.get("normalise", True)),
-                                                  body.get("template", "z-image chat")))
+            normalise, template = body.get("normalise", True), body.get("template", "z-image chat")
+            if not isinstance(normalise, bool) or not isinstance(template, str):
+                raise TextEncodeError("'normalise' must be true or false and 'template' a template name.")
+            # off the event loop, so that a long prompt never holds up the server's other requests
+            stats = await asyncio.to_thread(count_tokens, body.get("text", ""), normalise, template)
+            return web.json_response(stats)
         except ValueError as e:  # bad JSON or a bad option: say what, keep serving
             return web.json_response({"error": str(e)}, status=400)
+        except Exception as e:  # e.g. brackets nested past Python's recursion limit: still an answer, in JSON
+            log.exception("Z-Image token count failed")
+            return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=500)

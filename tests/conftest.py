@@ -6,6 +6,7 @@ Unit tests import ComfyUI in-process (CPU forced before `comfy.model_management`
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from zimage_client.server import ComfyServer  # noqa: E402
 
 import_comfy(cpu=True)
 import_plugin()
+
+# The bundled workflows and their labels in the canvas's Z-Image menu, as web/workflows.js lists them.
+WORKFLOW_MENU = dict(re.findall(r'\["(zimage-[a-z-]+)", "([^"]+)"\]',
+                                (REPO_ROOT / "web" / "workflows.js").read_text(encoding="utf-8")))
 
 
 @pytest.fixture(scope="session")

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, WORKFLOW_MENU
 
 BROWSER_DIR = REPO_ROOT / "tests" / "browser"
 ARTEFACTS = REPO_ROOT / "test-artifacts" / "browser"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-# Menu labels, as web/workflows.js lists them (test_workflows.py checks the list against the folder).
-MENU_JS = (REPO_ROOT / "web" / "workflows.js").read_text(encoding="utf-8")
-WORKFLOWS = dict(re.findall(r'\["(zimage-[a-z-]+)", "([^"]+)"\]', MENU_JS))
+WORKFLOWS = WORKFLOW_MENU  # name -> label in the Z-Image menu (test_workflows.py checks it against the folder)
 
 missing = [what for what, ok in (("node", shutil.which("node")), (CHROMIUM, Path(CHROMIUM).exists()),
                                  ("playwright-core", (BROWSER_DIR / "node_modules" / "playwright-core").is_dir())) if not ok]
@@ -32,10 +30,17 @@ pytestmark = pytest.mark.skipif(bool(missing), reason=f"browser tests need {', '
 
 def scenario(which: str, **params) -> dict:
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["node", str(BROWSER_DIR / "scenarios.mjs"), which], input=json.dumps(dict(params, out=str(ARTEFACTS))),
-                          capture_output=True, text=True, timeout=900, cwd=BROWSER_DIR)
-    assert proc.returncode == 0, f"browser scenario {which} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # Its own process group, so that a timeout stops chromium too, not only node.
+    proc = subprocess.Popen(["node", str(BROWSER_DIR / "scenarios.mjs"), which], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=BROWSER_DIR, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(json.dumps(dict(params, out=str(ARTEFACTS))), timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"browser scenario {which} timed out:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, f"browser scenario {which} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,11 @@ package's nodes, keeps the pruning patch one keystroke away, and says how to swi
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, WORKFLOW_MENU
 
 WORKFLOWS = REPO_ROOT / "workflows"
-MENU = dict(re.findall(r'\["(zimage-[a-z-]+)", "([^"]+)"\]', (REPO_ROOT / "web" / "workflows.js").read_text(encoding="utf-8")))
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 BYPASSED = 4  # LiteGraph's node mode
 ZIMAGE_NODES = {"ZImageCheckpointLoader", "ZImageChineseTextEncode", "ZImageKGenProbe", "ZImageKGenReport",
@@ -28,7 +26,7 @@ def api(name: str) -> dict:
 def test_every_workflow_has_its_api_twin_thumbnail_and_menu_entry():
     assert NAMES == sorted(["zimage-turbo", "zimage-base", "zimage-edit", "zimage-turbo-speed-test",
                             "zimage-base-quality-benchmark"])
-    assert sorted(MENU) == NAMES
+    assert sorted(WORKFLOW_MENU) == NAMES
     assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == NAMES
     for name in NAMES:
         assert (WORKFLOWS / f"{name}.jpg").stat().st_size > 1000, name

@@ -10,13 +10,22 @@ function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
 }
 
+function say(el, message) {
+  el.classList.remove("zimage-over-limit");
+  el.style.color = "";
+  delete el.dataset.tokens;
+  el.textContent = message;
+  el.title = "";
+}
+
 function show(el, stats) {
   el.classList.toggle("zimage-over-limit", Boolean(stats.truncated));
   el.style.color = stats.truncated ? "#ff7b72" : "";
   el.dataset.tokens = String(stats.prompt_tokens);
-  let text = `${stats.prompt_tokens} / ${stats.max_tokens} tokens`;
+  let text = `${stats.capped ? "≥ " : ""}${stats.prompt_tokens} / ${stats.max_tokens} tokens`;
   if (stats.spans?.length) text += ` · ${stats.spans.length} weighted`;
-  if (stats.truncated) text = `⚠ ${text}: over the limit, the end is cut: “${stats.cut_text.slice(0, 40)}…”`;
+  const cut = stats.cut_text.length > 40 ? `${stats.cut_text.slice(0, 40)}…` : stats.cut_text;
+  if (stats.truncated) text = `⚠ ${text}: over the limit, the end is cut: “${cut}”`;
   else if (stats.warning) text += ` · ${stats.warning}`;
   el.textContent = text;
   el.title = stats.truncated ? `Cut text: ${stats.cut_text}` : "Counted by the real Qwen tokenizer on the server.";
@@ -38,25 +47,27 @@ function attachCounter(node) {
   let timer = null;
   let asked = 0;
   const recount = async () => {
+    const ticket = ++asked; // any answer still on its way is now stale
     const text = widget(node, "text");
     if (!text || node.inputs?.find((i) => i.name === "text" && i.link != null)) {
-      el.textContent = "text comes from a link: counted when the node runs";
+      say(el, "text comes from a link: counted when the node runs");
       return;
     }
-    const ticket = ++asked;
+    let response;
     try {
-      const response = await api.fetchApi("/zimage/tokens", {
+      response = await api.fetchApi("/zimage/tokens", {
         method: "POST",
         body: JSON.stringify({ text: text.value ?? "", normalise: widget(node, "normalise")?.value ?? true,
           template: widget(node, "template")?.value ?? "z-image chat" }),
       });
-      const answer = await response.json();
-      if (ticket !== asked) return; // a newer keystroke already asked
-      if (!response.ok) el.textContent = `token count unavailable: ${answer.error ?? response.status}`;
-      else show(el, answer);
-    } catch (e) {
-      if (ticket === asked) el.textContent = "token count unavailable: server not reachable";
+    } catch {
+      if (ticket === asked) say(el, "token count unavailable: server not reachable");
+      return;
     }
+    const answer = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+    if (ticket !== asked) return; // a newer keystroke already asked
+    if (response.ok) show(el, answer);
+    else say(el, `token count unavailable: ${answer.error ?? response.status}`);
   };
   const soon = () => {
     clearTimeout(timer);

@@ -93,7 +93,11 @@ class ComfyClient:
             with self._request(path, data=json.dumps(payload).encode()) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            body = e.read()
+            try:
+                return e.code, json.loads(body or b"{}")
+            except ValueError:  # a plain-text error page
+                return e.code, {"error": body.decode("utf-8", "replace")}
 
     def system_stats(self) -> dict:
         return self.get_json("/system_stats")

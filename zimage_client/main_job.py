@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     done = sorted(output_dir.glob(f"{run_key(prompt)}_*"))
     if done:  # the same workflow and settings ran before: no need to start ComfyUI
-        print(f"{len(done)} image(s) from an earlier run with the same settings are in {output_dir}:")
+        print(f"{len(done)} file(s) from an earlier run with the same settings are in {output_dir}:")
         for path in done:
             print(f"  {path}")
         return 0
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.status not in ("done", "skipped"):
         print(f"\nthe workflow did not finish ({outcome.status}): {outcome.message}", file=sys.stderr)
         return 2 if outcome.status == "rejected" else 1
-    print(f"\n{len(outcome.images)} image(s) written to {output_dir}:")
+    print(f"\n{len(outcome.images)} file(s) written to {output_dir}:")
     for path in outcome.images:
         print(f"  {path}")
     if outcome.k_gen:

@@ -106,7 +106,7 @@ def upload_inputs(client: ComfyClient, prompt: dict, workflow: Path) -> None:
 class Outcome:
     text: str
     status: str  # done, skipped, rejected, failed, interrupted, timeout, unreachable
-    images: list[Path] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)  # saved images, previews and the k_gen plot, as downloaded
     seconds: float = 0.0
     message: str = ""
     k_gen: dict | None = None
@@ -190,7 +190,7 @@ def exit_code(outcomes: list[Outcome]) -> int:
 
 
 def summary(outcomes: list[Outcome]) -> str:
-    rows = ["| # | prompt | status | images | seconds | k_gen |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| # | prompt | status | files | seconds | k_gen |", "| --- | --- | --- | --- | --- | --- |"]
     for i, o in enumerate(outcomes, 1):
         k = f"{o.k_gen['k_gen']:.3f}" if o.k_gen and o.k_gen.get("k_gen") is not None else ""
         rows.append(f"| {i} | {o.text[:40]} | {o.status} | {len(o.images)} | {o.seconds:.1f} | {k} |")

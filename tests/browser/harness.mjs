@@ -21,16 +21,21 @@ const SETTINGS = {
 export async function openComfy(url, { width = 2400, height = 1250 } = {}) {
   await fetch(`${url}/api/settings`, { method: "POST", body: JSON.stringify(SETTINGS) });
   const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: CHROMIUM_ARGS });
-  const page = await browser.newPage({ viewport: { width, height } });
-  const problems = [];
-  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
-  await page.goto(url);
-  await page.waitForFunction(
-    () => window.app?.graph && window.app.extensions?.some((e) => e.name === "comfyui-zimage.workflows"),
-    null, { timeout: 120_000 });
-  await page.waitForTimeout(500);
-  await closeBanners(page);
-  return { browser, page, problems };
+  try {
+    const page = await browser.newPage({ viewport: { width, height } });
+    const problems = [];
+    page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+    await page.goto(url);
+    await page.waitForFunction(
+      () => window.app?.graph && window.app.extensions?.some((e) => e.name === "comfyui-zimage.workflows"),
+      null, { timeout: 120_000 });
+    await page.waitForTimeout(500);
+    await closeBanners(page);
+    return { browser, page, problems };
+  } catch (e) {
+    await browser.close(); // never leave a chromium behind
+    throw e;
+  }
 }
 
 export async function closeBanners(page) {

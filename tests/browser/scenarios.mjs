@@ -114,12 +114,11 @@ const scenarios = {
     await page.waitForFunction((el) => el.classList.contains("zimage-over-limit"), counter, { timeout: 20_000 });
     const over = await read();
     await nodeShot(page, "ZImageChineseTextEncode", join(out, "token-count-over-limit.png"));
-    const widgetValue = await textarea.evaluate((el) => el.value.length);
     const exportedText = await page.evaluate(async () => {
       const { output } = await window.app.graphToPrompt();
       return Object.values(output).find((n) => n.class_type === "ZImageChineseTextEncode").inputs;
     });
-    return { initial, typed, over, widgetValue, exportedInputs: Object.keys(exportedText), serialisedText: exportedText.text.length };
+    return { initial, typed, over, exportedInputs: Object.keys(exportedText), serialisedText: exportedText.text.length };
   },
 };
 
@@ -137,11 +136,12 @@ scenarios.templates = async (page, { packageName, out }) => {
 
 const [name] = process.argv.slice(2);
 const params = await readStdinJson();
-const { browser, page, problems } = await openComfy(params.url);
+let session;
 let result;
 try {
-  result = await scenarios[name](page, params);
+  session = await openComfy(params.url);
+  result = await scenarios[name](session.page, params);
 } finally {
-  await browser.close();
+  await session?.browser.close();
 }
-console.log(JSON.stringify({ ...result, problems }));
+console.log(JSON.stringify({ ...result, problems: session.problems }));
