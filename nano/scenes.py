@@ -20,8 +20,9 @@ OBJECT_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80,
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128), "blue": (40, 80, 220)}
 PALETTE = {**OBJECT_COLOURS, **BACKGROUNDS}
 SHAPES = ("circle", "square", "triangle", "star")
-POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75), "centre": (0.5, 0.5)}
-RADII = {"small": 0.08, "medium": 0.11, "large": 0.14}
+POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72), "centre": (0.5, 0.5)}
+# Objects span several 16-px DiT tokens (patch 2 of the 8x latent), so their shape is spatial, not sub-token.
+RADII = {"small": 0.12, "medium": 0.155, "large": 0.19}
 
 ZH = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色",
       "white": "白色", "black": "黑色", "gray": "灰色",
@@ -34,8 +35,10 @@ EN_WHERE = {"left": "on the left", "right": "on the right", "top": "at the top",
             "centre": "in the centre"}
 
 # Where n objects of a group sit (before jitter).
-GROUP_LAYOUTS = {2: [(0.3, 0.5), (0.7, 0.5)], 3: [(0.2, 0.5), (0.5, 0.5), (0.8, 0.5)],
-                 4: [(0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7)]}
+GROUP_LAYOUTS = {2: [(0.28, 0.5), (0.72, 0.5)], 3: [(0.5, 0.27), (0.27, 0.72), (0.73, 0.72)],
+                 4: [(0.28, 0.28), (0.72, 0.28), (0.28, 0.72), (0.72, 0.72)]}
+GROUP_RADIUS = {2: 0.15, 3: 0.13, 4: 0.13}
+EDIT_RADIUS, EDIT_JITTER = 0.11, 0.02
 LABELS_LATIN = ("A", "OK", "Z", "7")
 # Tiny bitmap glyphs, so Chinese labels render on any machine without a CJK font.
 GLYPHS = {
@@ -91,7 +94,7 @@ def random_group_scene(rng: random.Random, held_out: bool | None = False) -> Sce
         position = rng.choice(list(POSITIONS)) if count == 1 else ""
         if held_out is None or is_held_out(shape, colour, background, count, position) == held_out:
             break
-    jitter = 0.04
+    jitter = 0.03
     if count == 1:
         size = rng.choice(list(RADII))
         radius = RADII[size] * rng.uniform(0.9, 1.1)
@@ -102,7 +105,7 @@ def random_group_scene(rng: random.Random, held_out: bool | None = False) -> Sce
         items = (Item(shape, colour, cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter), radius, label),)
     else:
         size = ""
-        radius = (0.09 if count == 3 else 0.1) * rng.uniform(0.9, 1.1)
+        radius = GROUP_RADIUS[count] * rng.uniform(0.9, 1.1)
         items = tuple(Item(shape, colour, x + rng.uniform(-jitter, jitter), y + rng.uniform(-jitter, jitter), radius)
                       for x, y in GROUP_LAYOUTS[count])
     return Scene(background, items, shape=shape, colour=colour, count=count, position=position, size=size)
@@ -154,8 +157,8 @@ def random_edit_pair(rng: random.Random) -> EditPair:
         shapes = rng.sample(SHAPES, n)
         slots = rng.sample([(i, j) for i in range(3) for j in range(3)], n)
         colours = [rng.choice([c for c in OBJECT_COLOURS if c != background]) for _ in shapes]
-        items = [Item(s, c, SLOTS[i] + rng.uniform(-0.03, 0.03), SLOTS[j] + rng.uniform(-0.03, 0.03),
-                      0.1 * rng.uniform(0.9, 1.1)) for s, c, (i, j) in zip(shapes, colours, slots, strict=True)]
+        items = [Item(s, c, SLOTS[i] + rng.uniform(-EDIT_JITTER, EDIT_JITTER), SLOTS[j] + rng.uniform(-EDIT_JITTER, EDIT_JITTER),
+                      EDIT_RADIUS * rng.uniform(0.9, 1.1)) for s, c, (i, j) in zip(shapes, colours, slots, strict=True)]
         k = rng.randrange(n)
         target, (ti, tj) = items[k], slots[k]
         kind = rng.choice(("recolour", "move", "delete"))
@@ -173,7 +176,8 @@ def random_edit_pair(rng: random.Random) -> EditPair:
         if dest == (ti, tj) or dest in slots:
             continue
         after_items = list(items)
-        after_items[k] = replace(target, x=SLOTS[dest[0]] + rng.uniform(-0.03, 0.03), y=SLOTS[dest[1]] + rng.uniform(-0.03, 0.03))
+        after_items[k] = replace(target, x=SLOTS[dest[0]] + rng.uniform(-EDIT_JITTER, EDIT_JITTER),
+                                 y=SLOTS[dest[1]] + rng.uniform(-EDIT_JITTER, EDIT_JITTER))
         return EditPair(before, Scene(background, tuple(after_items)), kind, target, direction=direction)
 
 

@@ -63,7 +63,7 @@ class Plan:
     vae_crop: int = 48
     decoder_steps: int = 600
     decoder_batch: int = 8
-    base_steps: int = 4500
+    base_steps: int = 5500
     turbo_steps: int = 400
     edit_steps: int = 1000
     batch: int = 32
@@ -430,9 +430,13 @@ def used_token_ids(data: dict) -> list[int]:
 # Stages 3-5: rectified flow on latents (base), distillation (turbo), reference-image editing (edit).
 
 def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Logit-normal timesteps, shifted by 3 as Z-Image's sampling is, so training matches where sampling spends steps."""
+    """Logit-normal timesteps shifted by 3, as Z-Image's sampling is, so training matches where sampling spends
+    steps; half the batch instead draws uniformly, because at 16x16 latents the shift leaves the low-noise steps
+    that draw an object's edges almost untrained (1.4% of draws below sigma 0.25)."""
     u = torch.sigmoid(torch.randn(n, generator=gen))
-    return (SAMPLING_SHIFT * u / (1 + (SAMPLING_SHIFT - 1) * u)).clamp(1e-3, 1.0)
+    shifted = SAMPLING_SHIFT * u / (1 + (SAMPLING_SHIFT - 1) * u)
+    uniform = torch.rand(n, generator=gen)
+    return torch.where(torch.rand(n, generator=gen) < 0.5, uniform, shifted).clamp(1e-3, 1.0)
 
 
 def schedule(steps: int) -> torch.Tensor:
