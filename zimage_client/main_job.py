@@ -18,7 +18,7 @@ from pathlib import Path
 from .comfy_api import ComfyError
 from .runtime import REPO_ROOT
 from .server import ComfyServer
-from .submit import apply_options, k_gen_line, run_key, run_one, upload_inputs
+from .submit import apply_options, exit_code, k_gen_line, run_key, run_one, upload_inputs
 
 DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "api" / "zimage-turbo.json"
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if outcome.status not in ("done", "skipped"):
         print(f"\nthe workflow did not finish ({outcome.status}): {outcome.message}", file=sys.stderr)
-        return 2 if outcome.status == "rejected" else 1
+        return exit_code([outcome])  # the client's codes: 2 rejected, 4 interrupted, 5 timed out, 1 failed
     print(f"\n{len(outcome.images)} file(s) written to {output_dir}:")
     for path in outcome.images:
         print(f"  {path}")

@@ -138,7 +138,7 @@ function build(spec) {
   const GAP = 40, TITLE = LiteGraph.NODE_TITLE_HEIGHT ?? 30, GROUP_HEAD = 60;
   app.graph.clear();
   const byId = {};
-  const add = (id, type, w) => {
+  const add = (id, type) => {
     const node = LiteGraph.createNode(type);
     if (!node) throw new Error(`${spec.name}: node type ${type} is not registered`);
     node.id = id;
@@ -211,7 +211,6 @@ try {
     });
     writeFileSync(join(out, `${spec.name}.json`), JSON.stringify(workflow, null, 2) + "\n");
     writeFileSync(join(out, "api", `${spec.name}.json`), JSON.stringify(prompt, null, 2) + "\n");
-    await page.evaluate(() => window.app.canvas.ds && (window.app.canvas.ds.scale = 0.5));
     written.push(spec.name);
   }
 } finally {
