@@ -82,8 +82,10 @@ const scenarios = {
     const exported = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
     const tab = await page.evaluate(() => window.app.extensionManager.workflow.activeWorkflow?.filename ?? null);
     const run = await runFromUi(page);
+    // The whole graph in view: the canvas loads a node's preview images only when it draws the node, and DOM
+    // widgets of nodes outside the view are hidden.
+    await fitView(page);
     const images = run.status === "success" ? await shownImages(page) : [];
-    await fitView(page); // DOM widgets of nodes outside the view are hidden
     const figures = await page.evaluate(() => [...document.querySelectorAll(".zimage-kgen-figures")]
       .map((el) => ({ text: el.textContent, kGen: el.dataset.kGen ?? null, visible: el.offsetParent !== null })));
     await page.screenshot({ path: join(out, `${name}.png`) });
