@@ -211,7 +211,7 @@ def compose(step_seconds: list[float]) -> float:
     return sum(step_seconds[:CALIBRATION_STEPS]) + (STEPS - CALIBRATION_STEPS) * step_seconds[-1]
 
 
-def speed(quick: bool, ratios) -> tuple[list[dict], str]:
+def speed(quick: bool, ratios, only_sizes=None) -> tuple[list[dict], str]:
     """Unpatched vs patched sampling, STEPS steps with CALIBRATION_STEPS calibrating. Where a whole run does not
     fit (2048² on the CPU), the patched model runs only its calibration steps and one pruned step, the unpatched
     one a single step, and the STEPS-step times are composed from those measured per-step times."""
@@ -222,10 +222,13 @@ def speed(quick: bool, ratios) -> tuple[list[dict], str]:
         layers, refiner, sizes, dtype, composed = 1, 0, [512], torch.float32, set()
     else:
         layers, refiner, sizes, dtype, composed = 1, 0, [1024, 2048], torch.float32, {2048}
+    sizes = [s for s in sizes if s in only_sizes] if only_sizes else sizes
     model = full_size_model(layers, refiner, dtype)
     diffusion_model = model.model.diffusion_model
     setup = f"{layers} layers + {refiner}+{refiner} refiners, {str(dtype).removeprefix('torch.')}, {STEPS} steps"
     sample_seconds(model, sizes[0], 1)  # warm-up: kernels, allocator, model load
+    # the patched path too (calibration, then pruned steps), or the first patched row pays its one-off costs
+    sample_seconds(ea.patch_model(model, config(ratios[0])), sizes[0], CALIBRATION_STEPS + 1)
     rows = []
     for side in sizes:
         if side in composed:
@@ -313,6 +316,8 @@ def main() -> int:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
+    ap.add_argument("--sizes", type=int, nargs="+", help="speed: only these of the default sizes")
+    ap.add_argument("--keep-ratios", type=float, nargs="+", help="speed: these keep ratios (default: the curve's on a GPU)")
     ap.add_argument("--png", type=Path, help="also draw the curve (keep ratio vs accuracy, PSNR, speedup) here")
     ap.add_argument("--replot", type=Path, help="only draw --png from a saved run's output (its last line)")
     args = ap.parse_args()
@@ -338,9 +343,10 @@ def main() -> int:
         figures.update(keep_ratio=None, acc_drop_points=None, psnr_db=None,
                        note="no keep ratio met both quality bars" if quality_rows else "quality skipped")
     if not args.skip_speed:
-        ratios = sorted({r for r in KEEP_RATIOS} if mm.get_torch_device().type == "cuda" else
+        ratios = sorted(set(args.keep_ratios) if args.keep_ratios else
+                        {r for r in KEEP_RATIOS} if mm.get_torch_device().type == "cuda" else
                         {0.5, best["keep_ratio"] if best else 0.75}, reverse=True)
-        speed_rows, setup = speed(args.quick, ratios)
+        speed_rows, setup = speed(args.quick, ratios, args.sizes)
         largest = max(r["size"] for r in speed_rows)
         chosen = figures["keep_ratio"] if figures["keep_ratio"] in ratios else ratios[0]
         pick = next(r for r in speed_rows if r["size"] == largest and r["keep_ratio"] == chosen)

@@ -138,7 +138,12 @@ def main() -> int:
                     help="tile size in pixels for core's tiled decode and ours (default 512; 256 with --quick, so the "
                          "small images are still cut into tiles)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
+    ap.add_argument("--fp32", action="store_true",
+                    help="decode in float32 on a GPU too (ComfyUI's --fp32-vae), to tell tiling error from bf16 rounding")
     args = ap.parse_args()
+    if args.fp32:
+        from comfy.cli_args import args as comfy_args
+        comfy_args.fp32_vae = True
     gpu = mm.get_torch_device().type == "cuda"
     args.tile = args.tile or (256 if args.quick else 512)
     if args.quick:
@@ -165,7 +170,7 @@ def main() -> int:
         "full_size_max_err_255": flux_big["ours_err_255"][0], "full_size_mean_err_255": flux_big["ours_err_255"][1],
         "mem_ratio_vs_full": flux_big["mem_ratio_vs_full"], "time_ratio_vs_core_tiled": flux_big["time_ratio_vs_core_tiled"],
         "measured_at": f"nano {nano_big['size']}², full-size {flux_big['size']}², tile {args.tile}",
-        "rows": rows, "quick": args.quick,
+        "rows": rows, "quick": args.quick, "vae_dtype": str(nano.vae_dtype).removeprefix("torch."),
         "machine": f"{platform.machine()}, {'cuda ' + torch.cuda.get_device_name() if gpu else 'cpu'}, "
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}",
     }
