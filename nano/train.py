@@ -2,11 +2,14 @@
 
     python -m nano.train                       # the whole family into models/, work files in .cache/nano-train
     python -m nano.train --quick               # a few steps on a few samples (what the test runs)
+    python -m nano.train --minutes 30          # on a GPU: train for about 30 minutes (the GPU plan)
 
 Every stage is seeded and checkpoints itself (safetensors + JSON) every few minutes, so a stopped run
 resumes where it was by running the same command again; finished stages are skipped. Uses CUDA when
-torch sees it. Writes the shipped weights (fp16 safetensors with `zimage.*` metadata) and a report
-(`training-report.json`, `training-loss.png`).
+torch sees it, with the GPU plan: more data, batches of 512 and as many steps as each stage's share of
+`--minutes` allows (the step count is fixed after the first steps are timed, and kept on resume).
+Writes the shipped weights (fp16 safetensors with `zimage.*` metadata) and a report (`training-report.json`,
+`training-loss.png`).
 
 The models are ComfyUI's own classes (NextDiT with Z-Image modulation, its Qwen3 code, the ldm
 AutoencoderKL), so what is trained here is exactly what the loader builds at inference.
@@ -72,11 +75,27 @@ class Plan:
     drop_caption: float = 0.1  # caption dropout, so CFG has an unconditional model to push against
     teacher_cfg: float = 4.0
     turbo_steps_sampler: int = 8
+    minutes: float = 0.0      # > 0: the stages' steps are caps, each stage trains for its share of these minutes
+    ema_base: float = 0.998
 
     @classmethod
     def quick(cls):
         return cls(scenes=48, edit_pairs=24, vae_steps=3, vae_batch=2, decoder_steps=2, decoder_batch=2, base_steps=3,
                    turbo_steps=2, edit_steps=2, batch=4)
+
+    @classmethod
+    def gpu(cls, minutes: float):
+        """On a GPU a step of these tiny models costs its launches and Python, not its arithmetic (an H200 did a
+        base step in 59 ms at batch 128 and 127 ms at 512, with the GPU busy 10 ms of it), so the GPU plan takes
+        big batches: 6x the data, 16x the batch, for as many steps as the time allows."""
+        return cls(scenes=100_000, edit_pairs=40_000, vae_steps=4000, vae_batch=32, vae_crop=64, decoder_steps=2000,
+                   decoder_batch=32, base_steps=100_000, turbo_steps=10_000, edit_steps=40_000, batch=512, lr=8e-4,
+                   minutes=minutes, ema_base=0.999)
+
+    def stage_minutes(self, name: str) -> float:
+        """Each stage's share of `minutes` (base learns the most, so it gets the most)."""
+        share = {"vae": 0.09, "vae-decoder": 0.06, "base": 0.5, "turbo": 0.13, "edit": 0.22}[name]
+        return self.minutes * share
 
 
 def log(*args):
@@ -193,14 +212,26 @@ def file_metadata(path: Path) -> dict:
 class Stage:
     """A resumable training loop: `step_fn(step) -> loss` runs `steps` times, checkpointing as it goes."""
 
-    def __init__(self, name: str, work: Path, modules: dict, optimizer, steps: int, lr: float, warmup: int = 100):
+    TIMED_STEPS = (10, 40)  # with a time budget, steps 10..40 are timed (after warm-up) to fix the step count
+
+    def __init__(self, name: str, work: Path, modules: dict, optimizer, steps: int, lr: float, warmup: int = 100,
+                 minutes: float = 0.0):
         self.name, self.work, self.modules, self.optimizer = name, work, modules, optimizer
-        self.steps, self.lr, self.warmup = steps, lr, min(warmup, max(1, steps // 5))
+        self.steps, self.lr, self.minutes = steps, lr, minutes
+        self.warmup = min(warmup, max(1, steps // 5))
         self.path = work / f"{name}.ckpt.safetensors"
         self.state = {"step": 0, "losses": [], "seconds": 0.0}
         if self.path.exists():
             self.state = load_checkpoint(self.path, modules, optimizer)
-            log(f"{name}: resuming at step {self.state['step']}/{steps}")
+            self.steps = self.state.get("steps", steps)
+            log(f"{name}: resuming at step {self.state['step']}/{self.steps}")
+
+    def fix_steps(self, seconds_per_step: float) -> None:
+        """Fit the stage into its minutes: the schedule (cosine decay) is then laid out over that many steps."""
+        fitted = int(self.minutes * 60 / seconds_per_step)
+        self.steps = max(self.TIMED_STEPS[1] + 1, min(self.steps, fitted))
+        self.state["steps"] = self.steps
+        log(f"{self.name}: {seconds_per_step * 1000:.1f} ms per step -> {self.steps} steps in {self.minutes:.1f} min")
 
     def learning_rate(self, step):
         if step < self.warmup:
@@ -210,14 +241,19 @@ class Stage:
 
     def run(self, step_fn, ema=None):
         last_save, start = time.time(), time.time() - self.state["seconds"]
-        window = []
+        window, timer = [], None
         while self.state["step"] < self.steps:
             step = self.state["step"]
+            if self.minutes > 0 and "steps" not in self.state:
+                if step == self.TIMED_STEPS[0]:
+                    timer = time.time()
+                elif step == self.TIMED_STEPS[1] and timer is not None:
+                    self.fix_steps((time.time() - timer) / (self.TIMED_STEPS[1] - self.TIMED_STEPS[0]))
             for g in self.optimizer.param_groups:
                 g["lr"] = self.learning_rate(step) * g.get("lr_scale", 1.0)
             loss = step_fn(step)
             if ema is not None:
-                ema.update()
+                ema.update(step)
             window.append(loss)
             self.state["step"] = step + 1
             if len(window) == 20 or self.state["step"] == self.steps:
@@ -240,11 +276,14 @@ class EMA(torch.nn.Module):
             self.shadow[k.replace(".", "__")] = torch.nn.Parameter(v.detach().clone(), requires_grad=False)
 
     @torch.no_grad()
-    def update(self):
+    def update(self, step: int):
+        """The decay warms up ((1 + step) / (10 + step) until it reaches `decay`): a fixed 0.999 over a short
+        run would still hold a quarter of the random initial weights after 1300 steps (a GPU run did)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
         for k, v in self.model[0].state_dict().items():
             s = self.shadow[k.replace(".", "__")]
             if v.is_floating_point():
-                s.lerp_(v, 1 - self.decay)
+                s.lerp_(v, 1 - decay)
 
     def state(self) -> dict:
         return {k.replace("__", "."): v.detach().clone() for k, v in self.shadow.items()}
@@ -275,7 +314,7 @@ def train_vae(work: Path, plan: Plan, device, seed: int) -> VAE:
     vae.reset(seed)
     vae.to(device)
     opt = make_optimizer([{"params": vae.parameters()}])
-    stage = Stage("vae", work, {"vae": vae}, opt, plan.vae_steps, lr=1e-3)
+    stage = Stage("vae", work, {"vae": vae}, opt, plan.vae_steps, lr=1e-3, minutes=plan.stage_minutes("vae"))
 
     def step_fn(step):
         rng = random.Random(seed * 7919 + step)
@@ -306,7 +345,8 @@ def finetune_decoder(work: Path, plan: Plan, vae: VAE, device, seed: int) -> Non
     vae.quant_conv.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = make_optimizer([{"params": params}])
-    stage = Stage("vae-decoder", work, {"vae": vae}, opt, plan.decoder_steps, lr=5e-4, warmup=50)
+    stage = Stage("vae-decoder", work, {"vae": vae}, opt, plan.decoder_steps, lr=5e-4, warmup=50,
+                  minutes=plan.stage_minutes("vae-decoder"))
 
     def step_fn(step):
         rng = random.Random(seed * 7907 + step)
@@ -375,31 +415,43 @@ def build_dataset(work: Path, plan: Plan, vae: VAE, device, seed: int) -> Path:
     rng = random.Random(seed)
     log(f"data: rendering and encoding {plan.scenes} scenes and {plan.edit_pairs} edit pairs")
 
-    def encode(images):
-        out = []
-        for i in range(0, len(images), 64):
-            mean, _ = vae.encode(images_to_tensor(images[i:i + 64]).to(device))
-            out.append(mean.half().cpu())
-        return torch.cat(out)
+    class Encoded(list):
+        """Pictures in, latents out: encoded 64 at a time as they arrive, so the pictures are never all held."""
 
-    texts_zh, texts_en = [], []
-    images = []
+        def __init__(self):
+            super().__init__()
+            self.pending = []
+
+        def add(self, image):
+            self.pending.append(image)
+            if len(self.pending) == 64:
+                self.flush()
+
+        def flush(self):
+            if self.pending:
+                mean, _ = vae.encode(images_to_tensor(self.pending).to(device))
+                self.append(mean.half().cpu())
+                self.pending = []
+
+        def tensor(self):
+            self.flush()
+            return torch.cat(self)
+
+    texts_zh, texts_en, latents = [], [], Encoded()
     for _ in range(plan.scenes):
         scene = scenes.random_group_scene(rng, held_out=False)
-        images.append(scenes.render(scene))
+        latents.add(scenes.render(scene))
         texts_zh.append(scenes.caption(scene, "zh", rng))
         texts_en.append(scenes.caption(scene, "en", rng))
-    latents = encode(images)
-    del images
-    edit_zh, edit_en, before, after = [], [], [], []
+    latents = latents.tensor()
+    edit_zh, edit_en, before, after = [], [], Encoded(), Encoded()
     for _ in range(plan.edit_pairs):
         pair = scenes.random_edit_pair(rng)
-        before.append(scenes.render(pair.before))
-        after.append(scenes.render(pair.after))
+        before.add(scenes.render(pair.before))
+        after.add(scenes.render(pair.after))
         edit_zh.append(scenes.edit_instruction(pair, "zh", rng))
         edit_en.append(scenes.edit_instruction(pair, "en", rng))
-    edit_before, edit_after = encode(before), encode(after)
-    del before, after
+    edit_before, edit_after = before.tensor(), after.tensor()
 
     def pack(texts):
         ids = [captions.ids(t) for t in texts]
@@ -429,14 +481,20 @@ def used_token_ids(data: dict) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 # Stages 3-5: rectified flow on latents (base), distillation (turbo), reference-image editing (edit).
 
+def step_generator(seed: int, device) -> torch.Generator:
+    """Per-step randomness, drawn on the device that trains (on the CPU the draws are those of earlier runs)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
     """Logit-normal timesteps shifted by 3, as Z-Image's sampling is, so training matches where sampling spends
     steps; half the batch instead draws uniformly, because at 16x16 latents the shift leaves the low-noise steps
     that draw an object's edges almost untrained (1.4% of draws below sigma 0.25)."""
-    u = torch.sigmoid(torch.randn(n, generator=gen))
+    d = gen.device
+    u = torch.sigmoid(torch.randn(n, generator=gen, device=d))
     shifted = SAMPLING_SHIFT * u / (1 + (SAMPLING_SHIFT - 1) * u)
-    uniform = torch.rand(n, generator=gen)
-    return torch.where(torch.rand(n, generator=gen) < 0.5, uniform, shifted).clamp(1e-3, 1.0)
+    uniform = torch.rand(n, generator=gen, device=d)
+    return torch.where(torch.rand(n, generator=gen, device=d) < 0.5, uniform, shifted).clamp(1e-3, 1.0)
 
 
 def schedule(steps: int) -> torch.Tensor:
@@ -447,34 +505,34 @@ def schedule(steps: int) -> torch.Tensor:
 
 
 class Batches:
-    """Caption batches whose lengths round up to the same multiple of 32, so per-sample padding equals inference's."""
+    """Caption batches whose lengths round up to the same multiple of 32, so per-sample padding equals inference's.
+    Gathered with whole-table indexing: a per-sample loop cost a GPU step of batch 512 a third of its time."""
 
     def __init__(self, data: dict, prefix: str, plan: Plan):
-        self.data, self.prefix, self.plan = data, prefix, plan
+        self.plan = plan
         self.n = data[f"{prefix}zh.ids"].shape[0]
+        tables = [data[f"{prefix}zh.ids"], data[f"{prefix}en.ids"], data["empty.ids"]]
+        width = max(t.shape[1] for t in tables)
+        pad = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=151643) for t in tables]
+        self.ids = torch.cat(pad)  # rows: zh captions, en captions, then the empty caption
+        self.lens = torch.cat([data[f"{prefix}zh.len"], data[f"{prefix}en.len"], data["empty.len"]]).long()
 
     def pick(self, step: int, seed: int, batch: int):
         rng = np.random.default_rng([seed, step])
         idx = rng.integers(0, self.n, size=batch)
         zh = rng.random(batch) < self.plan.zh_share
         drop = rng.random(batch) < self.plan.drop_caption
-        rows, lens = [], []
-        for i, use_zh, dropped in zip(idx, zh, drop, strict=True):
-            key = "empty" if dropped else f"{self.prefix}{'zh' if use_zh else 'en'}"
-            j = 0 if dropped else i
-            rows.append(self.data[f"{key}.ids"][j])
-            lens.append(int(self.data[f"{key}.len"][j]))
-        bucket = [(n + 31) // 32 for n in lens]
-        keep = [k for k in range(batch) if bucket[k] == bucket[0]]
-        width = max(lens[k] for k in keep)
-        ids = torch.stack([torch.nn.functional.pad(rows[k][:width], (0, max(0, width - rows[k].shape[0])), value=151643)
-                           for k in keep]).long()
-        return torch.as_tensor(idx[keep]), ids, torch.tensor([lens[k] for k in keep])
+        rows = torch.from_numpy(np.where(drop, 2 * self.n, np.where(zh, idx, self.n + idx)))
+        lens = self.lens[rows]
+        bucket = (lens + 31) // 32
+        keep = bucket == bucket[0]
+        width = int(lens[keep].max())
+        return torch.from_numpy(idx)[keep], self.ids[rows[keep], :width].long(), lens[keep]
 
 
 def flow_loss(dit, te, latents, ids, lens, gen, device, refs=None, te_grad=True):
     z0 = (latents.float().to(device) - LATENT_SHIFT) * LATENT_SCALE
-    noise = torch.randn(z0.shape, generator=gen).to(device)
+    noise = torch.randn(z0.shape, generator=gen, device=gen.device).to(device)
     sigma = sample_sigmas(z0.shape[0], gen).to(device)
     s = sigma.view(-1, 1, 1, 1)
     xt = (1 - s) * z0 + s * noise
@@ -486,13 +544,14 @@ def flow_loss(dit, te, latents, ids, lens, gen, device, refs=None, te_grad=True)
 
 def train_base(work, plan, data, te, device, seed):
     dit = make_dit(seed + 1).to(device)
-    ema = EMA(dit, 0.998 if plan.base_steps > 1000 else 0.9).to(device)
+    ema = EMA(dit, plan.ema_base if plan.base_steps > 1000 else 0.9).to(device)
     opt = make_optimizer([{"params": dit.parameters()}, {"params": te.parameters()}])
-    stage = Stage("base", work, {"dit": dit, "te": te, "ema": ema}, opt, plan.base_steps, plan.lr, warmup=200)
+    stage = Stage("base", work, {"dit": dit, "te": te, "ema": ema}, opt, plan.base_steps, plan.lr, warmup=200,
+                  minutes=plan.stage_minutes("base"))
     batches = Batches(data, "", plan)
 
     def step_fn(step):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        gen = step_generator(seed * 1_000_003 + step, device)
         idx, ids, lens = batches.pick(step, seed, plan.batch)
         loss = flow_loss(dit, te, data["latents"][idx], ids, lens, gen, device)
         return optimise(opt, loss, list(dit.parameters()) + list(te.parameters()))
@@ -518,7 +577,8 @@ def train_turbo(work, plan, data, te, teacher, device, seed):
     te.requires_grad_(False)
     ema = EMA(student, 0.99 if plan.turbo_steps > 200 else 0.5).to(device)
     opt = make_optimizer([{"params": student.parameters()}])
-    stage = Stage("turbo", work, {"dit": student, "ema": ema}, opt, plan.turbo_steps, plan.lr * 0.4, warmup=50)
+    stage = Stage("turbo", work, {"dit": student, "ema": ema}, opt, plan.turbo_steps, plan.lr * 0.4, warmup=50,
+                  minutes=plan.stage_minutes("turbo"))
     batches = Batches(data, "", replace(plan, drop_caption=0.0))
     sigmas = schedule(plan.turbo_steps_sampler).to(device)
     with torch.no_grad():  # the empty prompt, for the teacher's unconditional half (the encoder is frozen)
@@ -526,11 +586,11 @@ def train_turbo(work, plan, data, te, teacher, device, seed):
     empty_len = data["empty.len"][:1]
 
     def step_fn(step):
-        gen = torch.Generator().manual_seed(seed * 1_000_033 + step)
+        gen = step_generator(seed * 1_000_033 + step, device)
         idx, ids, lens = batches.pick(step, seed + 1, plan.batch)
         z0 = (data["latents"][idx].float().to(device) - LATENT_SHIFT) * LATENT_SCALE
-        noise = torch.randn(z0.shape, generator=gen).to(device)
-        k = torch.randint(0, plan.turbo_steps_sampler, (z0.shape[0],), generator=gen).to(device)
+        noise = torch.randn(z0.shape, generator=gen, device=gen.device).to(device)
+        k = torch.randint(0, plan.turbo_steps_sampler, (z0.shape[0],), generator=gen, device=gen.device).to(device)
         s0, s1 = sigmas[k], sigmas[k + 1]
         x = (1 - s0.view(-1, 1, 1, 1)) * z0 + s0.view(-1, 1, 1, 1) * noise
         with torch.no_grad():
@@ -560,11 +620,12 @@ def train_edit(work, plan, data, te, base, device, seed):
     te.requires_grad_(False)
     ema = EMA(dit, 0.995 if plan.edit_steps > 500 else 0.5).to(device)
     opt = make_optimizer([{"params": dit.parameters()}])
-    stage = Stage("edit", work, {"dit": dit, "ema": ema}, opt, plan.edit_steps, plan.lr * 0.6, warmup=100)
+    stage = Stage("edit", work, {"dit": dit, "ema": ema}, opt, plan.edit_steps, plan.lr * 0.6, warmup=100,
+                  minutes=plan.stage_minutes("edit"))
     batches = Batches(data, "edit_", plan)
 
     def step_fn(step):
-        gen = torch.Generator().manual_seed(seed * 1_000_037 + step)
+        gen = step_generator(seed * 1_000_037 + step, device)
         idx, ids, lens = batches.pick(step, seed + 2, plan.batch)
         ref = (data["edit_before"][idx].float().to(device) - LATENT_SHIFT) * LATENT_SCALE
         loss = flow_loss(dit, te, data["edit_after"][idx], ids, lens, gen, device, refs=[ref], te_grad=False)
@@ -642,11 +703,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--quick", action="store_true", help="a few steps on a few samples, to prove the pipeline")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--minutes", type=float, default=30.0,
+                    help="on a GPU: about how long the training stages run (the data set takes a minute more)")
+    ap.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
+    ap.add_argument("--plan", choices=("auto", "cpu", "gpu"), default="auto",
+                    help="sizes and steps: the CPU plan (fixed steps, about 100 min on 2 cores) or the GPU plan "
+                         "(timed by --minutes); auto picks by device")
     args = ap.parse_args(argv)
-    plan = Plan.quick() if args.quick else Plan()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    use_gpu_plan = args.plan == "gpu" or (args.plan == "auto" and device.type == "cuda")
+    plan = Plan.quick() if args.quick else Plan.gpu(args.minutes) if use_gpu_plan else Plan()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     torch.manual_seed(args.seed)
@@ -662,6 +733,8 @@ def main(argv=None) -> int:
     finetune_decoder(args.work, plan, vae, device, args.seed)
     vae.eval()
     data = load_file(str(build_dataset(args.work, plan, vae, device, args.seed)))
+    for key in ("latents", "edit_before", "edit_after"):  # batches are gathered where the model runs
+        data[key] = data[key].to(device)
     te = make_text_encoder(args.seed + 5, used_token_ids(data)).to(device)
     base, base_state = train_base(args.work, plan, data, te, device, args.seed)
     turbo, turbo_state = train_turbo(args.work, plan, data, te, base, device, args.seed)
@@ -673,10 +746,12 @@ def main(argv=None) -> int:
     minutes = (time.time() - started) / 60
     stages = (("vae", vae_state), ("vae-decoder", decoder_state), ("base", base_state), ("turbo", turbo_state),
               ("edit", edit_state))
-    report = {"seed": args.seed, "device": str(device), "minutes": round(minutes, 1), "quick": args.quick,
+    report = {"seed": args.seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "minutes": round(minutes, 1), "quick": args.quick,
               "plan": plan.__dict__,
               "final_loss": {k: (s["losses"][-1][1] if s["losses"] else None) for k, s in stages},
-              "stage_minutes": {k: round(s.get("seconds", 0) / 60, 1) for k, s in stages}}
+              "stage_minutes": {k: round(s.get("seconds", 0) / 60, 1) for k, s in stages},
+              "stage_steps": {k: s.get("step", 0) for k, s in stages}}
     written = export(args.out, te, vae, {"base": base, "turbo": turbo, "edit": edit}, report)
     report["files"] = {str(p.relative_to(args.out)): p.stat().st_size for p in written}
     report["total_mb"] = round(sum(report["files"].values()) / 2**20, 2)

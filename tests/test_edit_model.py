@@ -64,3 +64,11 @@ def test_reference_latents_are_seen_and_keep_the_output_shape(models):
     assert not torch.allclose(ref_a, ref_b, atol=1e-4) and not torch.allclose(ref_a, plain, atol=1e-4)
     # a reference of another size is patchified on its own grid
     assert ours(x, t, ctx, 13, ref_latents=[torch.randn(2, 16, 12, 20)]).shape == plain.shape
+
+
+def test_batched_unpatchify_is_cores_per_sample_loop(models):
+    ours, core = models
+    x = torch.randn(3, 7 + 6 * 10 + 5, 2 * 2 * 16)  # caption 7, a 12x20 image in 2x2 patches, 5 pad tokens
+    expected = NextDiT.unpatchify(core, x, [(12, 20)] * 3, [7] * 3, return_tensor=True)
+    assert torch.equal(ours.unpatchify(x, [(12, 20)] * 3, [7] * 3, return_tensor=True), expected)
+    assert expected.shape == (3, 16, 12, 20)

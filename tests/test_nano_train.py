@@ -76,3 +76,43 @@ def test_shipped_family_fits_the_budget_and_keeps_unused_rows_zero():
     used = (table != 0).any(dim=1)
     assert 100 < int(used.sum()) < 5000 and not bool(used[151669:].any())
     assert table.dtype == torch.float16
+
+
+def test_a_time_budget_fixes_the_step_count_once_timed_and_a_resume_keeps_it(tmp_path):
+    import time
+
+    from nano.train import Plan, Stage, make_optimizer
+
+    plan = Plan.gpu(minutes=10)
+    assert sum(plan.stage_minutes(s) for s in ("vae", "vae-decoder", "base", "turbo", "edit")) == pytest.approx(10)
+    model = torch.nn.Linear(2, 2)
+
+    def stage():
+        return Stage("budget", tmp_path, {"m": model}, make_optimizer([{"params": model.parameters()}]), steps=10_000,
+                     lr=1e-3, minutes=2.0 / 60)
+
+    calls = []
+
+    def step_fn(step):
+        calls.append(step)
+        time.sleep(0.02)  # at least 20 ms a step: 2 s hold at most 100 steps, however slow the machine
+        return 0.0
+
+    state = stage().run(step_fn)
+    assert Stage.TIMED_STEPS[1] < state["steps"] <= 100 and state["step"] == state["steps"] == len(calls)
+    resumed = stage()
+    assert resumed.steps == state["steps"]
+    resumed.run(step_fn)
+    assert len(calls) == state["steps"]  # nothing left to do
+
+
+def test_the_ema_warms_up_so_a_short_run_keeps_none_of_the_initial_weights():
+    from nano.train import EMA
+
+    model = torch.nn.Linear(4, 4)
+    ema = EMA(model, 0.999)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training moved the weights; a plain 0.999 would still hold 82% of the old ones
+    for step in range(200):
+        ema.update(step)
+    assert torch.allclose(ema.state()["weight"], model.weight, atol=1e-3)
