@@ -374,13 +374,14 @@ class LayerState:
     _index_cache: dict = field(default_factory=dict)
 
     def add_entropy(self, entropy: torch.Tensor) -> None:
-        entropy = entropy.detach().double().cpu()
-        self.entropy_sum = entropy if self.entropy_sum is None else self.entropy_sum + entropy
+        # summed where it was measured: a copy to the CPU here would make every calibrating layer wait for the GPU
+        entropy = entropy.detach().double()
+        self.entropy_sum = entropy if self.entropy_sum is None else self.entropy_sum + entropy.to(self.entropy_sum.device)
         self.calls += 1
 
     @property
     def entropy(self) -> list[float] | None:
-        return None if self.entropy_sum is None else (self.entropy_sum / self.calls).tolist()
+        return None if self.entropy_sum is None else (self.entropy_sum / self.calls).cpu().tolist()
 
     def reset(self) -> None:
         self.entropy_sum, self.calls, self.keep, self.pruned = None, 0, [], []
@@ -479,7 +480,7 @@ class PruneState:
     def decide(self) -> None:
         """Choose the kept heads of every layer from the measured entropies."""
         self.decided = True
-        measured = [layer for layer in self.layers.values() if layer.entropy is not None]
+        measured = [layer for layer in self.layers.values() if layer.entropy_sum is not None]
         if not measured:
             self.warnings.append("no attention entropy was measured; nothing pruned")
             return
@@ -512,7 +513,7 @@ class PruneState:
         removed = sum(layer.attention_flops(len(layer.pruned), self.model_dim) for layer in layers)
         c = self.config
         return {
-            "measured": any(layer.entropy is not None for layer in layers), "decided": self.decided,
+            "measured": any(layer.entropy_sum is not None for layer in layers), "decided": self.decided,
             "rule": c.rule, "keep_ratio": c.keep_ratio, "threshold": c.threshold,
             "calibration_steps": c.calibration_steps, "min_heads_per_layer": c.min_heads_per_layer,
             "pruned_heads": c.pruned_heads, "attention_backend": c.attention_backend,
