@@ -212,7 +212,7 @@ def file_metadata(path: Path) -> dict:
 class Stage:
     """A resumable training loop: `step_fn(step) -> loss` runs `steps` times, checkpointing as it goes."""
 
-    TIMED_STEPS = (10, 40)  # with a time budget, steps 10..40 are timed (after warm-up) to fix the step count
+    UNTIMED, TIMED = 10, 30  # with a time budget: 30 steps are timed, after 10 untimed ones, to fix the step count
 
     def __init__(self, name: str, work: Path, modules: dict, optimizer, steps: int, lr: float, warmup: int = 100,
                  minutes: float = 0.0):
@@ -224,12 +224,14 @@ class Stage:
         if self.path.exists():
             self.state = load_checkpoint(self.path, modules, optimizer)
             self.steps = self.state.get("steps", steps)
+            self.warmup = min(warmup, max(1, self.steps // 5))
             log(f"{name}: resuming at step {self.state['step']}/{self.steps}")
 
-    def fix_steps(self, seconds_per_step: float) -> None:
-        """Fit the stage into its minutes: the schedule (cosine decay) is then laid out over that many steps."""
-        fitted = int(self.minutes * 60 / seconds_per_step)
-        self.steps = max(self.TIMED_STEPS[1] + 1, min(self.steps, fitted))
+    def fix_steps(self, seconds_per_step: float, step: int) -> None:
+        """Fit the stage into its minutes: the schedule (warm-up, cosine decay) is then laid out over that many steps."""
+        fitted = int(self.minutes * 60 / max(seconds_per_step, 1e-6))
+        self.steps = max(step + 1, min(self.steps, fitted))
+        self.warmup = max(1, min(self.warmup, self.steps // 5))
         self.state["steps"] = self.steps
         log(f"{self.name}: {seconds_per_step * 1000:.1f} ms per step -> {self.steps} steps in {self.minutes:.1f} min")
 
@@ -241,14 +243,14 @@ class Stage:
 
     def run(self, step_fn, ema=None):
         last_save, start = time.time(), time.time() - self.state["seconds"]
-        window, timer = [], None
+        window, timer = [], None  # timer: (clock, step) where timing began, in this process (a resume times anew)
         while self.state["step"] < self.steps:
             step = self.state["step"]
             if self.minutes > 0 and "steps" not in self.state:
-                if step == self.TIMED_STEPS[0]:
-                    timer = time.time()
-                elif step == self.TIMED_STEPS[1] and timer is not None:
-                    self.fix_steps((time.time() - timer) / (self.TIMED_STEPS[1] - self.TIMED_STEPS[0]))
+                if timer is None and step >= self.UNTIMED:
+                    timer = (time.perf_counter(), step)
+                elif timer is not None and step == timer[1] + self.TIMED:
+                    self.fix_steps((time.perf_counter() - timer[0]) / self.TIMED, step)
             for g in self.optimizer.param_groups:
                 g["lr"] = self.learning_rate(step) * g.get("lr_scale", 1.0)
             loss = step_fn(step)
@@ -699,12 +701,14 @@ def plot_losses(path: Path, curves: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "models", help="where the weights go (models/<kind>/)")
-    ap.add_argument("--work", type=Path, default=REPO_ROOT / ".cache" / "nano-train", help="checkpoints and data")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="checkpoints and data (default .cache/nano-train, .cache/nano-train-gpu for the GPU plan)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--quick", action="store_true", help="a few steps on a few samples, to prove the pipeline")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--minutes", type=float, default=30.0,
-                    help="on a GPU: about how long the training stages run (the data set takes a minute more)")
+                    help="the GPU plan: how long the training stages run together (building the data set and loading "
+                         "take about 2 minutes more on an H200)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
     ap.add_argument("--plan", choices=("auto", "cpu", "gpu"), default="auto",
                     help="sizes and steps: the CPU plan (fixed steps, about 100 min on 2 cores) or the GPU plan "
@@ -712,7 +716,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     use_gpu_plan = args.plan == "gpu" or (args.plan == "auto" and device.type == "cuda")
+    if use_gpu_plan and not args.quick and args.minutes <= 0:
+        ap.error("--minutes must be above 0: the GPU plan trains each stage for its share of them")
     plan = Plan.quick() if args.quick else Plan.gpu(args.minutes) if use_gpu_plan else Plan()
+    # each plan keeps its own work files: a resume must find the data set and schedules of its own plan
+    args.work = args.work or REPO_ROOT / ".cache" / ("nano-train-gpu" if use_gpu_plan and not args.quick else "nano-train")
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
@@ -733,6 +741,9 @@ def main(argv=None) -> int:
     finetune_decoder(args.work, plan, vae, device, args.seed)
     vae.eval()
     data = load_file(str(build_dataset(args.work, plan, vae, device, args.seed)))
+    if data["latents"].shape[0] != plan.scenes:
+        ap.error(f"{args.work} holds a data set of {data['latents'].shape[0]} scenes, but this plan trains on "
+                 f"{plan.scenes}: it belongs to another plan; give this run its own --work")
     for key in ("latents", "edit_before", "edit_after"):  # batches are gathered where the model runs
         data[key] = data[key].to(device)
     te = make_text_encoder(args.seed + 5, used_token_ids(data)).to(device)

@@ -99,11 +99,17 @@ def test_a_time_budget_fixes_the_step_count_once_timed_and_a_resume_keeps_it(tmp
         return 0.0
 
     state = stage().run(step_fn)
-    assert Stage.TIMED_STEPS[1] < state["steps"] <= 100 and state["step"] == state["steps"] == len(calls)
+    assert Stage.UNTIMED + Stage.TIMED < state["steps"] <= 100 and state["step"] == state["steps"] == len(calls)
     resumed = stage()
     assert resumed.steps == state["steps"]
     resumed.run(step_fn)
     assert len(calls) == state["steps"]  # nothing left to do
+    # stopped inside the timing window, before the count was fixed: the resumed run times its own steps
+    (tmp_path / "budget.ckpt.safetensors").unlink()
+    cut = stage()
+    cut.state["step"] = 25
+    state = cut.run(step_fn)
+    assert 25 + Stage.TIMED < state["steps"] <= 100
 
 
 def test_the_ema_warms_up_so_a_short_run_keeps_none_of_the_initial_weights():
