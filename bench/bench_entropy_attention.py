@@ -222,6 +222,8 @@ def speed(quick: bool, ratios, only_sizes=None) -> tuple[list[dict], str]:
         layers, refiner, sizes, dtype, composed = 1, 0, [512], torch.float32, set()
     else:
         layers, refiner, sizes, dtype, composed = 1, 0, [1024, 2048], torch.float32, {2048}
+    if only_sizes and not set(only_sizes) & set(sizes):
+        raise SystemExit(f"--sizes: none of {only_sizes} is measured in this mode; choose from {sizes}")
     sizes = [s for s in sizes if s in only_sizes] if only_sizes else sizes
     model = full_size_model(layers, refiner, dtype)
     diffusion_model = model.model.diffusion_model

@@ -485,7 +485,8 @@ class PruneState:
             self.warnings.append("no attention entropy was measured; nothing pruned")
             return
         c = self.config
-        candidates = [(e, layer.name, h) for layer in measured if layer.prunable for h, e in enumerate(layer.entropy)]
+        entropy = {layer.name: layer.entropy for layer in measured}  # one read of each layer's sums
+        candidates = [(e, layer.name, h) for layer in measured if layer.prunable for h, e in enumerate(entropy[layer.name])]
         if c.rule == "keep_ratio":
             total = sum(layer.heads for layer in measured if layer.prunable)
             n_keep = math.ceil(c.keep_ratio * total - 1e-9)
@@ -496,7 +497,7 @@ class PruneState:
             if not layer.prunable:
                 layer.keep, layer.pruned = list(range(layer.heads)), []
                 continue
-            order = sorted(range(layer.heads), key=lambda h, e=layer.entropy: e[h])
+            order = sorted(range(layer.heads), key=lambda h, e=entropy[layer.name]: e[h])
             keep = {h for h in range(layer.heads) if (layer.name, h) in kept}
             for h in order[:min(c.min_heads_per_layer, layer.heads)]:
                 keep.add(h)
@@ -521,7 +522,7 @@ class PruneState:
             "heads_pruned": sum(len(layer.pruned) for layer in layers),
             "attention_flops_removed": round(removed / total, 4) if total else 0.0,
             "layers": [{"layer": layer.name, "tokens": layer.tokens, "pruned": layer.pruned,
-                        "entropy": [round(e, 4) for e in layer.entropy] if layer.entropy else None}
+                        "entropy": [round(e, 4) for e in layer.entropy] if layer.entropy_sum is not None else None}
                        for layer in layers],
             "warnings": list(self.warnings),
         }

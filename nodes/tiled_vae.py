@@ -38,9 +38,10 @@ TILE_SIZES = (AUTO, "256", "384", "512", "768", "1024", "1536", "2048")
 MIN_TILE = 64  # pixels: 8 latent pixels, the smallest tile whose one-pixel halos stay a small overhead
 KEEP = ("auto", "gpu", "ram")  # where whole activations live between layers
 ATTENTION_CHUNK_ELEMENTS = 1 << 26  # attention logits held at once by the whole-image VAE attention (256 MiB fp32)
-# On CUDA, SDPA's fused kernels never hold the logits, and a chunk must be large to fill the GPU: 256 queries a
-# call (the CPU's chunk at 4096²) made an H200 decode 4x slower than core's tiled one. 8192 queries at 4096²;
-# should SDPA fall back to its math path, 2^31 logits are 4 GiB in bf16.
+# On NVIDIA GPUs SDPA's fused kernels never hold the logits, and a chunk must be large to fill the GPU: 256 queries
+# a call (the CPU's chunk at 4096²) made an H200 decode 4x slower than core's tiled one. Up to 2^31 (8192 queries
+# at 4096²), but never more than a third of the free memory could hold, should SDPA fall back to its math path
+# (logits and softmax: 8 GiB in bf16, 16 GiB in fp32 at 2^31).
 ATTENTION_CHUNK_ELEMENTS_CUDA = 1 << 31
 
 
@@ -560,7 +561,10 @@ def global_attention(attn, x: torch.Tensor) -> torch.Tensor:
     del h
     n = hh * ww
     out = torch.empty_like(q)
-    elements = ATTENTION_CHUNK_ELEMENTS_CUDA if q.device.type == "cuda" else ATTENTION_CHUNK_ELEMENTS
+    elements = ATTENTION_CHUNK_ELEMENTS
+    if q.device.type == "cuda" and torch.version.hip is None:
+        fits = mm.get_free_memory(q.device) // (3 * 2 * q.element_size())  # logits + softmax, with a margin
+        elements = max(ATTENTION_CHUNK_ELEMENTS, min(ATTENTION_CHUNK_ELEMENTS_CUDA, fits))
     chunk = max(1, elements // (b * n))
     for i in range(0, n, chunk):
         out[:, :, i:i + chunk] = F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v)
