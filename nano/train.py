@@ -217,23 +217,25 @@ class Stage:
     def __init__(self, name: str, work: Path, modules: dict, optimizer, steps: int, lr: float, warmup: int = 100,
                  minutes: float = 0.0):
         self.name, self.work, self.modules, self.optimizer = name, work, modules, optimizer
-        self.steps, self.lr, self.minutes = steps, lr, minutes
-        self.warmup = min(warmup, max(1, steps // 5))
+        self.steps, self.lr, self.minutes, self.max_warmup = steps, lr, minutes, warmup
         self.path = work / f"{name}.ckpt.safetensors"
         self.state = {"step": 0, "losses": [], "seconds": 0.0}
         if self.path.exists():
             self.state = load_checkpoint(self.path, modules, optimizer)
             self.steps = self.state.get("steps", steps)
-            self.warmup = min(warmup, max(1, self.steps // 5))
             log(f"{name}: resuming at step {self.state['step']}/{self.steps}")
 
     def fix_steps(self, seconds_per_step: float, step: int) -> None:
         """Fit the stage into its minutes: the schedule (warm-up, cosine decay) is then laid out over that many steps."""
         fitted = int(self.minutes * 60 / max(seconds_per_step, 1e-6))
         self.steps = max(step + 1, min(self.steps, fitted))
-        self.warmup = max(1, min(self.warmup, self.steps // 5))
         self.state["steps"] = self.steps
         log(f"{self.name}: {seconds_per_step * 1000:.1f} ms per step -> {self.steps} steps in {self.minutes:.1f} min")
+
+    @property
+    def warmup(self) -> int:
+        """Learning-rate warm-up steps: at most a fifth of the stage, however its step count was set."""
+        return min(self.max_warmup, max(1, self.steps // 5))
 
     def learning_rate(self, step):
         if step < self.warmup:
