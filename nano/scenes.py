@@ -11,6 +11,7 @@ import math
 import random
 from dataclasses import dataclass, replace
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 128  # training resolution; everything below is in units of the image side (0..1)
@@ -240,17 +241,35 @@ def _draw_label(draw: ImageDraw.ImageDraw, item: Item, side: float):
     draw.text((cx, cy + (r * 0.2 if item.shape == "triangle" else 0)), item.label, fill=fill, font=font, anchor="mm")
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, item: Item, side: float, fill) -> None:
+    if item.shape == "circle":
+        r = item.radius * side
+        draw.ellipse([item.x * side - r, item.y * side - r, item.x * side + r, item.y * side + r], fill=fill)
+    else:
+        draw.polygon(shape_polygon(item, side), fill=fill)
+
+
 def render(scene: Scene, size: int = SIZE) -> Image.Image:
     side = size * 2
     img = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     for item in scene.items:
-        fill = OBJECT_COLOURS[item.colour]
-        if item.shape == "circle":
-            r = item.radius * side
-            draw.ellipse([item.x * side - r, item.y * side - r, item.x * side + r, item.y * side + r], fill=fill)
-        else:
-            draw.polygon(shape_polygon(item, side), fill=fill)
+        _draw_shape(draw, item, side, OBJECT_COLOURS[item.colour])
         if item.label:
             _draw_label(draw, item, side)
     return img.resize((size, size), Image.Resampling.BOX)
+
+
+def render_shape_masks(scene: Scene, size: int = SIZE) -> np.ndarray:
+    """Per shape kind (the order of SHAPES), the fraction of each pixel its objects cover: float32 (4, size, size).
+    Later objects hide earlier ones, as in `render`."""
+    side = size * 2
+    owner = Image.new("L", (side, side), 0)  # which item (1-based) is on top at each pixel
+    draw = ImageDraw.Draw(owner)
+    for k, item in enumerate(scene.items):
+        _draw_shape(draw, item, side, k + 1)
+    owner = np.asarray(owner)
+    masks = np.zeros((len(SHAPES), side, side), dtype=np.float32)
+    for k, item in enumerate(scene.items):
+        masks[SHAPES.index(item.shape)] += owner == k + 1
+    return masks.reshape(len(SHAPES), size, 2, size, 2).mean(axis=(2, 4))

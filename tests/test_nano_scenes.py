@@ -37,6 +37,23 @@ def test_detector_tells_shapes_apart_at_every_size(shape):
         assert [b.shape for b in detector.read(scenes.render(scene)).objects] == [shape]
 
 
+def test_shape_masks_cover_each_object_under_its_own_kind_and_hide_what_is_covered():
+    square = scenes.Item("square", "red", 0.4, 0.5, 0.15)
+    circle_on_top = scenes.Item("circle", "blue", 0.6, 0.5, 0.15)
+    scene = scenes.Scene("white", (square, circle_on_top))
+    masks = scenes.render_shape_masks(scene)
+    assert masks.shape == (len(scenes.SHAPES), scenes.SIZE, scenes.SIZE)
+    circle_px, square_px = masks[scenes.SHAPES.index("circle")].sum(), masks[scenes.SHAPES.index("square")].sum()
+    r = 0.15 * scenes.SIZE
+    assert abs(circle_px - np.pi * r * r) < 0.05 * np.pi * r * r  # the circle lies whole on top (PIL draws it a little large)
+    assert 0.5 * (1.8 * r) ** 2 < square_px < 0.9 * (1.8 * r) ** 2  # the square partly hidden under it
+    assert masks[2:].sum() == 0 and masks.sum(axis=0).max() <= 1.0
+    # where the rendered image shows the object's colour, its mask is full
+    image = np.asarray(scenes.render(scene)).astype(int)
+    blue = (np.abs(image - scenes.OBJECT_COLOURS["blue"]).sum(axis=2) < 10)
+    assert masks[scenes.SHAPES.index("circle")][blue].min() > 0.9
+
+
 def test_edits_scored_right_only_when_the_named_thing_changed_and_nothing_else():
     rng = random.Random(1)
     for _ in range(150):

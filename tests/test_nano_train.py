@@ -122,3 +122,23 @@ def test_the_ema_warms_up_so_a_short_run_keeps_none_of_the_initial_weights():
     for step in range(200):
         ema.update(step)
     assert torch.allclose(ema.state()["weight"], model.weight, atol=1e-3)
+
+
+def test_degraded_latents_blur_and_noise_half_the_batch_and_keep_the_rest():
+    from nano.train import degrade_latents
+
+    z = torch.randn(64, 16, 8, 8)
+    out = degrade_latents(z, torch.Generator().manual_seed(0))
+    same = [(out[i] == z[i]).all().item() for i in range(64)]
+    assert 16 < sum(same) < 48  # about half untouched
+    changed = out[[not s for s in same]] - z[[not s for s in same]]
+    assert changed.abs().mean() > 0.05
+
+
+def test_quick_training_with_shape_codes_writes_a_family_whose_vae_holds_the_codes(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nano.train", "--quick", "--shape-codes", "--out", str(tmp_path / "out"),
+                             "--work", str(tmp_path / "work")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "training-report.json").read_text())
+    assert report["plan"]["shape_codes"] is True
+    assert (tmp_path / "out" / "vae" / "nano_ae.safetensors").exists()
