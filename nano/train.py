@@ -590,11 +590,12 @@ def train_base(work, plan, data, te, device, seed):
     stage = Stage("base", work, {"dit": dit, "te": te, "ema": ema}, opt, plan.base_steps, plan.lr, warmup=200,
                   minutes=plan.stage_minutes("base"))
     batches = Batches(data, "", plan)
+    weights = channel_weights(plan, device)
 
     def step_fn(step):
         gen = step_generator(seed * 1_000_003 + step, device)
         idx, ids, lens = batches.pick(step, seed, plan.batch)
-        loss = flow_loss(dit, te, data["latents"][idx], ids, lens, gen, device, weights=channel_weights(plan, device))
+        loss = flow_loss(dit, te, data["latents"][idx], ids, lens, gen, device, weights=weights)
         return optimise(opt, loss, list(dit.parameters()) + list(te.parameters()))
 
     state = stage.run(step_fn, ema)
@@ -664,13 +665,14 @@ def train_edit(work, plan, data, te, base, device, seed):
     stage = Stage("edit", work, {"dit": dit, "ema": ema}, opt, plan.edit_steps, plan.lr * 0.6, warmup=100,
                   minutes=plan.stage_minutes("edit"))
     batches = Batches(data, "edit_", plan)
+    weights = channel_weights(plan, device)
 
     def step_fn(step):
         gen = step_generator(seed * 1_000_037 + step, device)
         idx, ids, lens = batches.pick(step, seed + 2, plan.batch)
         ref = (data["edit_before"][idx].float().to(device) - LATENT_SHIFT) * LATENT_SCALE
         loss = flow_loss(dit, te, data["edit_after"][idx], ids, lens, gen, device, refs=[ref], te_grad=False,
-                         weights=channel_weights(plan, device))
+                         weights=weights)
         return optimise(opt, loss, dit.parameters())
 
     state = stage.run(step_fn, ema)

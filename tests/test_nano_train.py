@@ -37,8 +37,8 @@ def digest(folder: Path) -> dict:
     return out
 
 
-def train(out: Path, work: Path) -> str:
-    result = subprocess.run([sys.executable, "-m", "nano.train", "--quick", "--out", str(out), "--work", str(work)],
+def train(out: Path, work: Path, *options: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "nano.train", "--quick", "--out", str(out), "--work", str(work), *options],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout
@@ -135,10 +135,8 @@ def test_degraded_latents_blur_and_noise_half_the_batch_and_keep_the_rest():
     assert changed.abs().mean() > 0.05
 
 
-def test_quick_training_with_shape_codes_writes_a_family_whose_vae_holds_the_codes(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "nano.train", "--quick", "--shape-codes", "--out", str(tmp_path / "out"),
-                             "--work", str(tmp_path / "work")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+def test_quick_training_with_shape_codes_writes_a_family(tmp_path):
+    train(tmp_path / "out", tmp_path / "work", "--shape-codes")
     report = json.loads((tmp_path / "out" / "training-report.json").read_text())
     assert report["plan"]["shape_codes"] is True
     assert (tmp_path / "out" / "vae" / "nano_ae.safetensors").exists()
