@@ -44,10 +44,10 @@ from comfyui_zimage.nodes.loader import qwen3_model_class  # noqa: E402
 
 OPS = comfy.ops.disable_weight_init
 LATENT_SHIFT, LATENT_SCALE = 0.1159, 0.3611  # ComfyUI's Flux latent format, which Z-Image uses
-# With --shape-codes, the VAE's last four latent channels are taught to hold, per 8x8 block, how much of it each
+# The shape codes: the VAE's last four latent channels are taught to hold, per 8x8 block, how much of it each
 # shape kind covers (x2). A DiT then paints a shape the way it paints a colour, as a value over the object's
 # footprint, and the decoder (trained on blurred, noisy latents too) draws the outline; left free, the DiT drew
-# every shape as a blob. Not yet the default: see bench/RESULTS.md.
+# every shape as a blob (bench/RESULTS.md).
 SHAPE_CODES = slice(12, 16)
 SHAPE_CODE_SCALE = 2.0
 CODE_LOSS_WEIGHT = 4.0  # the DiT read the shape words weakly; with the codes weighted up it learns them sooner
@@ -74,7 +74,7 @@ class Plan:
     decoder_steps: int = 600
     decoder_batch: int = 8
     base_steps: int = 5500
-    turbo_steps: int = 400
+    turbo_steps: int = 800
     edit_steps: int = 1000
     batch: int = 32
     lr: float = 5e-4
@@ -83,7 +83,6 @@ class Plan:
     teacher_cfg: float = 4.0
     turbo_steps_sampler: int = 8
     minutes: float = 0.0      # > 0: the stages' steps are caps, each stage trains for its share of these minutes
-    shape_codes: bool = False  # the shape-code latent (SHAPE_CODES above)
     ema_base: float = 0.998
 
     @classmethod
@@ -348,19 +347,17 @@ def train_vae(work: Path, plan: Plan, device, seed: int) -> VAE:
             c = plan.vae_crop
             x0, y0 = rng.randrange(0, scenes.SIZE - c + 1, 8), rng.randrange(0, scenes.SIZE - c + 1, 8)
             imgs.append(scenes.render(scene).crop((x0, y0, x0 + c, y0 + c)))
-            if plan.shape_codes:
-                codes.append(scenes.render_shape_masks(scene)[:, y0:y0 + c, x0:x0 + c])
+            codes.append(scenes.render_shape_masks(scene)[:, y0:y0 + c, x0:x0 + c])
         x = images_to_tensor(imgs).to(device)
         mean, logvar = vae.encode(x)
         gen = torch.Generator().manual_seed(step)
         eps = torch.randn(mean.shape, generator=gen, device="cpu").to(device)
         z = mean + eps * (0.5 * logvar).exp()
-        rec = vae.decode(degrade_latents(z, gen) if plan.shape_codes else z)
+        rec = vae.decode(degrade_latents(z, gen))
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-4 * kl
-        if plan.shape_codes:
-            target = SHAPE_CODE_SCALE * torch.nn.functional.avg_pool2d(torch.from_numpy(np.stack(codes)), 8).to(device)
-            loss = loss + (mean[:, SHAPE_CODES] - target).pow(2).mean()
+        target = SHAPE_CODE_SCALE * torch.nn.functional.avg_pool2d(torch.from_numpy(np.stack(codes)), 8).to(device)
+        loss = loss + (mean[:, SHAPE_CODES] - target).pow(2).mean()
         return optimise(opt, loss, vae.parameters())
 
     stage.run(step_fn)
@@ -387,7 +384,7 @@ def finetune_decoder(work: Path, plan: Plan, vae: VAE, device, seed: int) -> Non
             gen = torch.Generator().manual_seed(step)
             eps = torch.randn(mean.shape, generator=gen).to(device)
             z = mean + 0.1 * eps * (0.5 * logvar).exp()
-            z = degrade_latents(z, gen) if plan.shape_codes else z
+            z = degrade_latents(z, gen)
         rec = vae.decode(z)
         loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
         return optimise(opt, loss, params)
@@ -574,10 +571,8 @@ def flow_loss(dit, te, latents, ids, lens, gen, device, refs=None, te_grad=True,
     return (err if weights is None else err * weights).mean()
 
 
-def channel_weights(plan: Plan, device) -> torch.Tensor | None:
-    """With shape codes, the loss weight of each latent channel: the codes count CODE_LOSS_WEIGHT times (mean 1)."""
-    if not plan.shape_codes:
-        return None
+def channel_weights(device) -> torch.Tensor:
+    """The loss weight of each latent channel: the shape codes count CODE_LOSS_WEIGHT times (mean 1)."""
     w = torch.ones(VAE_CONFIG["z_channels"], device=device)
     w[SHAPE_CODES] = CODE_LOSS_WEIGHT
     return (w / w.mean()).view(1, -1, 1, 1)
@@ -590,7 +585,7 @@ def train_base(work, plan, data, te, device, seed):
     stage = Stage("base", work, {"dit": dit, "te": te, "ema": ema}, opt, plan.base_steps, plan.lr, warmup=200,
                   minutes=plan.stage_minutes("base"))
     batches = Batches(data, "", plan)
-    weights = channel_weights(plan, device)
+    weights = channel_weights(device)
 
     def step_fn(step):
         gen = step_generator(seed * 1_000_003 + step, device)
@@ -665,7 +660,7 @@ def train_edit(work, plan, data, te, base, device, seed):
     stage = Stage("edit", work, {"dit": dit, "ema": ema}, opt, plan.edit_steps, plan.lr * 0.6, warmup=100,
                   minutes=plan.stage_minutes("edit"))
     batches = Batches(data, "edit_", plan)
-    weights = channel_weights(plan, device)
+    weights = channel_weights(device)
 
     def step_fn(step):
         gen = step_generator(seed * 1_000_037 + step, device)
@@ -740,11 +735,29 @@ def plot_losses(path: Path, curves: dict) -> None:
     img.save(path)
 
 
+def foreign_work_folder(work: Path, plan: Plan) -> str | None:
+    """Why `work` must not be resumed by this plan, or None. A folder records the plan that fills it, so a resume
+    never mixes checkpoints of two recipes (sizes, or the latent: folders from before the shape codes hold none)."""
+    record = work / "plan.json"
+    if record.exists():
+        if json.loads(record.read_text()) == plan.__dict__:
+            return None
+        return (f"{work} holds checkpoints of another plan ({record}): resume it with the command that made it, "
+                "or give this run its own --work")
+    if any(work.glob("*.ckpt.safetensors")):
+        return (f"{work} holds checkpoints from an older recipe of this script (no plan.json): delete the folder or "
+                "give this run its own --work")
+    work.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(plan.__dict__, indent=1))
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "models", help="where the weights go (models/<kind>/)")
     ap.add_argument("--work", type=Path, default=None,
-                    help="checkpoints and data (default .cache/nano-train, .cache/nano-train-gpu for the GPU plan)")
+                    help="checkpoints and data (default .cache/nano-train, -gpu for the GPU plan, -quick for --quick); it "
+                         "records its plan, and another plan's run refuses it")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--quick", action="store_true", help="a few steps on a few samples, to prove the pipeline")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -752,10 +765,8 @@ def main(argv=None) -> int:
                     help="the GPU plan: how long the training stages run together (building the data set and loading "
                          "take about 2 minutes more on an H200)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
-    ap.add_argument("--shape-codes", action="store_true",
-                    help="the shape-code latent: base scored 45.5 %% instead of 29.1 %%, but not shipped yet (bench/RESULTS.md)")
     ap.add_argument("--plan", choices=("auto", "cpu", "gpu"), default="auto",
-                    help="sizes and steps: the CPU plan (fixed steps, about 100 min on 2 cores) or the GPU plan "
+                    help="sizes and steps: the CPU plan (fixed steps, about 95 min on 2 cores) or the GPU plan "
                          "(timed by --minutes); auto picks by device")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -763,16 +774,17 @@ def main(argv=None) -> int:
     if use_gpu_plan and not args.quick and args.minutes <= 0:
         ap.error("--minutes must be above 0: the GPU plan trains each stage for its share of them")
     plan = Plan.quick() if args.quick else Plan.gpu(args.minutes) if use_gpu_plan else Plan()
-    plan = replace(plan, shape_codes=args.shape_codes)
     # each plan keeps its own work files: a resume must find the data set and schedules of its own plan
-    work = "nano-train-gpu" if use_gpu_plan and not args.quick else "nano-train"
-    args.work = args.work or REPO_ROOT / ".cache" / (work + ("-codes" if args.shape_codes else ""))
+    work = "nano-train-quick" if args.quick else "nano-train-gpu" if use_gpu_plan else "nano-train"
+    args.work = args.work or REPO_ROOT / ".cache" / work
+    refusal = foreign_work_folder(args.work, plan)
+    if refusal:
+        ap.error(refusal)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     torch.manual_seed(args.seed)
 
@@ -787,9 +799,6 @@ def main(argv=None) -> int:
     finetune_decoder(args.work, plan, vae, device, args.seed)
     vae.eval()
     data = load_file(str(build_dataset(args.work, plan, vae, device, args.seed)))
-    if data["latents"].shape[0] != plan.scenes:
-        ap.error(f"{args.work} holds a data set of {data['latents'].shape[0]} scenes, but this plan trains on "
-                 f"{plan.scenes}: it belongs to another plan; give this run its own --work")
     for key in ("latents", "edit_before", "edit_after"):  # batches are gathered where the model runs
         data[key] = data[key].to(device)
     te = make_text_encoder(args.seed + 5, used_token_ids(data)).to(device)
@@ -804,7 +813,8 @@ def main(argv=None) -> int:
     stages = (("vae", vae_state), ("vae-decoder", decoder_state), ("base", base_state), ("turbo", turbo_state),
               ("edit", edit_state))
     report = {"seed": args.seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "minutes": round(minutes, 1), "quick": args.quick,
+              # the stages' own clocks, which add up across resumes (building the data set is not counted)
+              "minutes": round(sum(s.get("seconds", 0) for _, s in stages) / 60, 1), "quick": args.quick,
               "plan": plan.__dict__,
               "final_loss": {k: (s["losses"][-1][1] if s["losses"] else None) for k, s in stages},
               "stage_minutes": {k: round(s.get("seconds", 0) / 60, 1) for k, s in stages},
@@ -814,7 +824,8 @@ def main(argv=None) -> int:
     report["total_mb"] = round(sum(report["files"].values()) / 2**20, 2)
     (args.out / "training-report.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_losses(args.out / "training-loss.png", {k: s["losses"] for k, s in stages})
-    log(f"done in {minutes:.1f} min; {report['total_mb']} MB of weights in {args.out}")
+    log(f"done in {minutes:.1f} min (the stages took {report['minutes']} min, resumes included); "
+        f"{report['total_mb']} MB of weights in {args.out}")
     print(json.dumps(report))
     return 0
 

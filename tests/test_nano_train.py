@@ -64,6 +64,21 @@ def test_quick_training_writes_a_loadable_family_and_resumes(tmp_path):
     again = train(out, work)
     assert "resuming at step 3/3" in again
     assert digest(out) == first
+    # The folder records its plan: the full plan refuses to resume the quick run's checkpoints, before any work.
+    other = subprocess.run([sys.executable, "-m", "nano.train", "--cpu", "--out", str(out), "--work", str(work)],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "holds checkpoints of another plan" in other.stderr
+    assert digest(out) == first
+
+
+def test_a_work_folder_from_before_plan_records_is_refused(tmp_path):
+    from nano.train import Plan, foreign_work_folder
+
+    (tmp_path / "vae.ckpt.safetensors").write_bytes(b"")
+    assert "older recipe" in foreign_work_folder(tmp_path, Plan())
+    fresh = tmp_path / "fresh"
+    assert foreign_work_folder(fresh, Plan()) is None and foreign_work_folder(fresh, Plan()) is None
+    assert "another plan" in foreign_work_folder(fresh, Plan.quick())
 
 
 @pytest.mark.skipif(not (SHIPPED / "diffusion_models").is_dir(), reason="the trained nano family is not in models/")
@@ -133,10 +148,3 @@ def test_degraded_latents_blur_and_noise_half_the_batch_and_keep_the_rest():
     assert 16 < sum(same) < 48  # about half untouched
     changed = out[[not s for s in same]] - z[[not s for s in same]]
     assert changed.abs().mean() > 0.05
-
-
-def test_quick_training_with_shape_codes_writes_a_family(tmp_path):
-    train(tmp_path / "out", tmp_path / "work", "--shape-codes")
-    report = json.loads((tmp_path / "out" / "training-report.json").read_text())
-    assert report["plan"]["shape_codes"] is True
-    assert (tmp_path / "out" / "vae" / "nano_ae.safetensors").exists()
