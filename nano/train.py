@@ -735,9 +735,9 @@ def plot_losses(path: Path, curves: dict) -> None:
     img.save(path)
 
 
-def foreign_work_folder(work: Path, plan: Plan) -> str | None:
-    """Why `work` must not be resumed by this plan, or None. A folder records the plan that fills it, so a resume
-    never mixes checkpoints of two recipes (sizes, or the latent: folders from before the shape codes hold none)."""
+def claim_work_folder(work: Path, plan: Plan) -> str | None:
+    """Make `work` this plan's (a fresh folder gets a plan.json) and return None, or say why this plan must not use
+    it, so a resume never mixes checkpoints of two recipes (sizes, or the latent: older folders hold no record)."""
     record = work / "plan.json"
     if record.exists():
         if json.loads(record.read_text()) == plan.__dict__:
@@ -777,7 +777,7 @@ def main(argv=None) -> int:
     # each plan keeps its own work files: a resume must find the data set and schedules of its own plan
     work = "nano-train-quick" if args.quick else "nano-train-gpu" if use_gpu_plan else "nano-train"
     args.work = args.work or REPO_ROOT / ".cache" / work
-    refusal = foreign_work_folder(args.work, plan)
+    refusal = claim_work_folder(args.work, plan)
     if refusal:
         ap.error(refusal)
     if args.threads:

@@ -37,8 +37,8 @@ def digest(folder: Path) -> dict:
     return out
 
 
-def train(out: Path, work: Path, *options: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "nano.train", "--quick", "--out", str(out), "--work", str(work), *options],
+def train(out: Path, work: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "nano.train", "--quick", "--out", str(out), "--work", str(work)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout
@@ -72,13 +72,13 @@ def test_quick_training_writes_a_loadable_family_and_resumes(tmp_path):
 
 
 def test_a_work_folder_from_before_plan_records_is_refused(tmp_path):
-    from nano.train import Plan, foreign_work_folder
+    from nano.train import Plan, claim_work_folder
 
     (tmp_path / "vae.ckpt.safetensors").write_bytes(b"")
-    assert "older recipe" in foreign_work_folder(tmp_path, Plan())
+    assert "older recipe" in claim_work_folder(tmp_path, Plan())
     fresh = tmp_path / "fresh"
-    assert foreign_work_folder(fresh, Plan()) is None and foreign_work_folder(fresh, Plan()) is None
-    assert "another plan" in foreign_work_folder(fresh, Plan.quick())
+    assert claim_work_folder(fresh, Plan()) is None and claim_work_folder(fresh, Plan()) is None
+    assert "another plan" in claim_work_folder(fresh, Plan.quick())
 
 
 @pytest.mark.skipif(not (SHIPPED / "diffusion_models").is_dir(), reason="the trained nano family is not in models/")
