@@ -157,7 +157,7 @@ def test_shape_code_targets_say_the_kind_loudly_even_where_an_object_barely_reac
 
     masks = torch.zeros(1, 4, 16, 16)
     masks[0, 3, :8, :8] = 1.0        # a star fills block (0, 0)
-    masks[0, 3, :2, 8:16] = 1.0      # and its tip covers an eighth of block (0, 1)
+    masks[0, 3, :1, 8:16] = 1.0      # and its tip covers an eighth of block (0, 1)
     masks[0, 0, 8:9, 8:9] = 1.0      # a circle grazes 1/64 of block (1, 1)
     target = shape_code_targets(masks)
     assert target.shape == (1, 4, 2, 2)
