@@ -17,6 +17,7 @@ AutoencoderKL), so what is trained here is exactly what the loader builds at inf
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -569,6 +570,7 @@ class Batches:
         return torch.from_numpy(idx)[keep], self.ids[rows[keep], :width].long(), lens[keep]
 
 
+@functools.cache
 def bf16_matmuls(device) -> bool:
     """Whether the DiT stages run their matmuls in bf16 (weights, optimiser and loss stay fp32): on CUDA, and on CPUs
     with AMX or AVX512-BF16, where a base step of batch 32 ran 1.25x faster (bench/RESULTS.md); fp32 elsewhere, where
