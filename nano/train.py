@@ -17,7 +17,6 @@ AutoencoderKL), so what is trained here is exactly what the loader builds at inf
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import random
@@ -74,7 +73,7 @@ class Plan:
     vae_crop: int = 48
     decoder_steps: int = 600
     decoder_batch: int = 8
-    base_steps: int = 9500  # 5500 -> 8000 steps lifted base from 52.6 to 74.5 % (bench/RESULTS.md); bf16 pays for more
+    base_steps: int = 8000  # its loss still fell by ~0.01 per 1000 steps at 5500 (bench/RESULTS.md)
     turbo_steps: int = 800
     edit_steps: int = 1000
     batch: int = 32
@@ -570,31 +569,15 @@ class Batches:
         return torch.from_numpy(idx)[keep], self.ids[rows[keep], :width].long(), lens[keep]
 
 
-@functools.cache
-def bf16_matmuls(device) -> bool:
-    """Whether the DiT stages run their matmuls in bf16 (weights, optimiser and loss stay fp32): on CUDA, and on CPUs
-    with AMX or AVX512-BF16, where a base step of batch 32 ran 1.25x faster (bench/RESULTS.md); fp32 elsewhere, where
-    bf16 would be emulated and slower."""
-    if device.type == "cuda":
-        return True
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(probe is not None and probe() for probe in probes)
-
-
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_matmuls(device))
-
-
 def flow_loss(dit, te, latents, ids, lens, gen, device, refs=None, te_grad=True, weights=None):
     z0 = (latents.float().to(device) - LATENT_SHIFT) * LATENT_SCALE
     noise = torch.randn(z0.shape, generator=gen, device=gen.device).to(device)
     sigma = sample_sigmas(z0.shape[0], gen).to(device)
     s = sigma.view(-1, 1, 1, 1)
     xt = (1 - s) * z0 + s * noise
-    with autocast(device):
-        with torch.set_grad_enabled(te_grad):
-            ctx = encode_text(te, ids.to(device))
-        out = dit(xt, sigma, ctx, ctx.shape[1], cap_lengths=lens.to(device), ref_latents=refs).float()
+    with torch.set_grad_enabled(te_grad):
+        ctx = encode_text(te, ids.to(device))
+    out = dit(xt, sigma, ctx, ctx.shape[1], cap_lengths=lens.to(device), ref_latents=refs)
     err = (out - (noise - z0)).pow(2)
     return (err if weights is None else err * weights).mean()
 
@@ -658,7 +641,7 @@ def train_turbo(work, plan, data, te, teacher, device, seed):
         k = torch.randint(0, plan.turbo_steps_sampler, (z0.shape[0],), generator=gen, device=gen.device).to(device)
         s0, s1 = sigmas[k], sigmas[k + 1]
         x = (1 - s0.view(-1, 1, 1, 1)) * z0 + s0.view(-1, 1, 1, 1) * noise
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad():
             ctx = encode_text(te, ids.to(device))
             unc = empty.expand(ctx.shape[0], -1, -1)
             # the empty prompt, right-padded to the batch's width (cap_lengths turns the padding into pad tokens)
@@ -667,10 +650,9 @@ def train_turbo(work, plan, data, te, teacher, device, seed):
             xs, mid = x, (s0 + s1) / 2
             for a, b in ((s0, mid), (mid, s1)):
                 v = teacher_velocity(teacher, xs, a, ctx, lens.to(device), unc, unc_lens.to(device), plan.teacher_cfg)
-                xs = xs + (b - a).view(-1, 1, 1, 1) * v.float()
+                xs = xs + (b - a).view(-1, 1, 1, 1) * v
             target = (xs - x) / (s1 - s0).view(-1, 1, 1, 1)
-        with autocast(device):
-            out = student(x, s0, ctx, ctx.shape[1], cap_lengths=lens.to(device)).float()
+        out = student(x, s0, ctx, ctx.shape[1], cap_lengths=lens.to(device))
         loss = (out - target).pow(2).mean()
         return optimise(opt, loss, student.parameters())
 
@@ -795,7 +777,7 @@ def main(argv=None) -> int:
                          "take about 2 minutes more on an H200)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
     ap.add_argument("--plan", choices=("auto", "cpu", "gpu"), default="auto",
-                    help="sizes and steps: the CPU plan (fixed steps, about 115 min on 2 cores) or the GPU plan "
+                    help="sizes and steps: the CPU plan (fixed steps, about 105 min on 2 cores) or the GPU plan "
                          "(timed by --minutes); auto picks by device")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -842,7 +824,6 @@ def main(argv=None) -> int:
     stages = (("vae", vae_state), ("vae-decoder", decoder_state), ("base", base_state), ("turbo", turbo_state),
               ("edit", edit_state))
     report = {"seed": args.seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "dit_matmuls": "bf16" if bf16_matmuls(device) else "fp32",
               # the stages' own clocks, which add up across resumes (building the data set is not counted)
               "minutes": round(sum(s.get("seconds", 0) for _, s in stages) / 60, 1), "quick": args.quick,
               "plan": plan.__dict__,
