@@ -117,15 +117,16 @@ def caption(scene: Scene, lang: str, rng: random.Random | None = None) -> str:
     pick = (lambda options: options[0]) if rng is None else rng.choice
     s, c, n, bg = scene.shape, scene.colour, scene.count, scene.background
     label = scene.items[0].label if n == 1 else ""
-    # a quarter of lone objects go unplaced in words, so a prompt without a place still means one object
-    unplaced = n == 1 and rng is not None and rng.random() < 0.25
+    # a third of lone objects go unplaced in words, so a prompt without a place still means one object
+    unplaced = n == 1 and rng is not None and rng.random() < 0.35
     if lang == "zh":
         size = ZH[scene.size] if scene.size in ("small", "large") and rng is not None and rng.random() < 0.5 else ""
         obj = f"{ZH[n]}{size}{ZH[c]}{ZH[s]}" if n > 1 or pick([False, True]) else f"{size}{ZH[c]}{ZH[s]}"
         if label:
             obj = f"写着“{label}”的{obj}"
         where = f"{ZH[scene.position]}的" if scene.position and not unplaced else ""
-        return pick([f"{ZH[bg]}背景上{where}{obj}", f"{where}{obj}，{ZH[bg]}背景"])
+        # “蓝色背景上的红色圆形”: without a place the 的 still follows 背景上, as people write it
+        return pick([f"{ZH[bg]}背景上{where or '的'}{obj}", f"{where}{obj}，{ZH[bg]}背景"])
     size = f"{scene.size} " if scene.size in ("small", "large") and rng is not None and rng.random() < 0.5 else ""
     noun = s if n == 1 else EN_PLURAL[s]
     obj = f"{EN_COUNT[n]} {size}{c} {noun}"

@@ -87,8 +87,11 @@ def test_some_lone_objects_go_unplaced_in_training_captions_and_none_in_held_out
     placed = {lang: [scenes.EN_WHERE[s.position] in scenes.caption(s, "en", rng) if lang == "en" else
                      scenes.ZH[s.position] in scenes.caption(s, "zh", rng) for s in lone] for lang in ("zh", "en")}
     for lang, flags in placed.items():
-        assert 0.6 < sum(flags) / len(flags) < 0.9, lang  # a quarter go without a place, so “蓝色背景上的红色圆形” is known
+        assert 0.5 < sum(flags) / len(flags) < 0.8, lang  # a third go without a place, so “蓝色背景上的红色圆形” is known
     assert all(scenes.ZH[s.position] in scenes.caption(s, "zh") for s in lone)  # the evaluation always names it
+    scene = scenes.Scene("blue", (scenes.Item("circle", "red", 0.5, 0.5, 0.1),), "circle", "red", 1, "centre")
+    seen = {scenes.caption(scene, "zh", random.Random(k)) for k in range(200)}
+    assert "蓝色背景上的红色圆形" in seen  # the main job's and the server test's prompt, word for word
 
 
 def test_held_out_combinations_never_reach_training():

@@ -139,12 +139,27 @@ def test_the_ema_warms_up_so_a_short_run_keeps_none_of_the_initial_weights():
     assert torch.allclose(ema.state()["weight"], model.weight, atol=1e-3)
 
 
-def test_degraded_latents_blur_and_noise_half_the_batch_and_keep_the_rest():
-    from nano.train import degrade_latents
+def test_degraded_latents_blur_noise_or_blur_only_the_colour_channels_and_keep_the_rest():
+    from nano.train import SHAPE_CODES, degrade_latents
 
-    z = torch.randn(64, 16, 8, 8)
+    z = torch.randn(256, 16, 8, 8)
     out = degrade_latents(z, torch.Generator().manual_seed(0))
-    same = [(out[i] == z[i]).all().item() for i in range(64)]
-    assert 16 < sum(same) < 48  # about half untouched
+    same = [(out[i] == z[i]).all().item() for i in range(256)]
+    assert 64 < sum(same) < 128  # about 3/8 untouched (half not degraded, three quarters of them not colour-blurred)
+    codes_kept = [(out[i, SHAPE_CODES] == z[i, SHAPE_CODES]).all().item() and not same[i] for i in range(256)]
+    assert 32 < sum(codes_kept) < 100  # a quarter: colour channels blurred, the shape codes exactly as encoded
     changed = out[[not s for s in same]] - z[[not s for s in same]]
     assert changed.abs().mean() > 0.05
+
+
+def test_shape_code_targets_say_the_kind_loudly_even_where_an_object_barely_reaches():
+    from nano.train import SHAPE_CODE_SCALE, shape_code_targets
+
+    masks = torch.zeros(1, 4, 16, 16)
+    masks[0, 3, :8, :8] = 1.0        # a star fills block (0, 0)
+    masks[0, 3, :1, 8:16] = 1.0      # and its tip covers an eighth of block (0, 1)
+    masks[0, 0, 8:9, 8:9] = 1.0      # a circle grazes 1/64 of block (1, 1)
+    target = shape_code_targets(masks)
+    assert target.shape == (1, 4, 2, 2)
+    assert target[0, 3, 0, 0] == SHAPE_CODE_SCALE and target[0, 3, 0, 1] == SHAPE_CODE_SCALE * 0.5
+    assert 0 < target[0, 0, 1, 1] < 0.2 and target[0, 3, 1, 1] == 0
