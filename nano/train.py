@@ -777,7 +777,7 @@ def main(argv=None) -> int:
                          "take about 2 minutes more on an H200)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
     ap.add_argument("--plan", choices=("auto", "cpu", "gpu"), default="auto",
-                    help="sizes and steps: the CPU plan (fixed steps, about 105 min on 2 cores) or the GPU plan "
+                    help="sizes and steps: the CPU plan (fixed steps, about 145 min on 2 cores) or the GPU plan "
                          "(timed by --minutes); auto picks by device")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
