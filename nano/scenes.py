@@ -117,7 +117,7 @@ def caption(scene: Scene, lang: str, rng: random.Random | None = None) -> str:
     pick = (lambda options: options[0]) if rng is None else rng.choice
     s, c, n, bg = scene.shape, scene.colour, scene.count, scene.background
     label = scene.items[0].label if n == 1 else ""
-    # a third of lone objects go unplaced in words, so a prompt without a place still means one object
+    # about a third (35 %) of lone objects go unplaced in words, so a prompt without a place still means one object
     unplaced = n == 1 and rng is not None and rng.random() < 0.35
     if lang == "zh":
         size = ZH[scene.size] if scene.size in ("small", "large") and rng is not None and rng.random() < 0.5 else ""
