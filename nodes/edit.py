@@ -2,8 +2,10 @@
 
 The input image enters the model as reference latent tokens appended after the image tokens, with their
 own RoPE offset on the first axis (image k of a prompt sits at caption_length + 1 + k), as Z-Image's
-omni/edit models do. The references come from core's `ReferenceLatent` node: `ZImageEditModel.extra_conds`
-hands them to the diffusion model, exactly as core does for Flux Kontext.
+omni/edit models do. The reference tokens take the modulation of the clean timestep (sigma 0) whatever the
+noise level, so the model reads them as the finished picture they are. The references come from core's
+`ReferenceLatent` node: `ZImageEditModel.extra_conds` hands them to the diffusion model, exactly as core does
+for Flux Kontext.
 
 Without references `NextDiTWithReference` computes exactly what core's NextDiT computes (a test checks
 it), so the training script uses it for every nano variant; `cap_lengths` lets a training batch hold
@@ -26,6 +28,19 @@ def _pad_tokens(tokens: torch.Tensor, pad_token: torch.Tensor, multiple: int | N
     return torch.cat((tokens, pad), dim=1)
 
 
+def _reference_block(layer, x, freqs_cis, t, t_ref, split: int, transformer_options):
+    """A modulated JointTransformerBlock whose tokens from `split` on (the references) take the modulation of `t_ref`:
+    core's block modulates every token alike."""
+    def per_token(noisy, clean):
+        return torch.cat((noisy.unsqueeze(1).expand(-1, split, -1), clean.unsqueeze(1).expand(-1, x.shape[1] - split, -1)), 1)
+
+    scale_msa, gate_msa, scale_mlp, gate_mlp = (per_token(a, b) for a, b in zip(
+        layer.adaLN_modulation(t).chunk(4, dim=1), layer.adaLN_modulation(t_ref).chunk(4, dim=1), strict=True))
+    attn = layer.attention(layer.attention_norm1(x) * (1 + scale_msa), None, freqs_cis, transformer_options=transformer_options)
+    x = x + gate_msa.tanh() * layer.attention_norm2(attn)
+    return x + gate_mlp.tanh() * layer.ffn_norm2(layer.feed_forward(layer.ffn_norm1(x) * (1 + scale_mlp)))
+
+
 class NextDiTWithReference(NextDiT):
     def patchify(self, latent: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         p = self.patch_size
@@ -41,8 +56,9 @@ class NextDiTWithReference(NextDiT):
         pos[:, :h * w, 2] = torch.arange(w, dtype=torch.float32, device=device).view(1, -1).repeat(h, 1).flatten()
         return pos
 
-    def embed_with_references(self, x, cap_feats, cap_mask, t, refs, transformer_options):
-        """patchify_and_embed for an image plus reference latents; returns the joint sequence and its RoPE."""
+    def embed_with_references(self, x, cap_feats, cap_mask, t, t_ref, refs, transformer_options):
+        """patchify_and_embed for an image plus reference latents; returns the joint sequence, its RoPE and where the
+        references begin in it."""
         device = x.device
         cap_feats = _pad_tokens(cap_feats, self.cap_pad_token, self.pad_tokens_multiple)
         bsz, cap_len = cap_feats.shape[:2]
@@ -59,8 +75,8 @@ class NextDiTWithReference(NextDiT):
             cap_feats = layer(cap_feats, cap_mask, freqs_cis[:, :cap_len], transformer_options=transformer_options)
         image = torch.cat(pieces, dim=1)
         for layer in self.noise_refiner:
-            image = layer(image, None, freqs_cis[:, cap_len:], t, transformer_options=transformer_options)
-        return torch.cat((cap_feats, image), dim=1), freqs_cis, cap_len
+            image = _reference_block(layer, image, freqs_cis[:, cap_len:], t, t_ref, pieces[0].shape[1], transformer_options)
+        return torch.cat((cap_feats, image), dim=1), freqs_cis, cap_len, cap_len + pieces[0].shape[1]
 
     def unpatchify(self, x, img_size, cap_size, return_tensor=False):
         """Core's unpatchify slices sample by sample: at batch 512 that loop was most of a GPU training step. A
@@ -83,14 +99,19 @@ class NextDiTWithReference(NextDiT):
             cap_feats = torch.where(keep[..., None], cap_feats, self.cap_pad_token.to(cap_feats.dtype))
         if ref_latents:
             img_size = [tuple(x.shape[-2:])] * bs  # padded to the patch size
-            x, freqs_cis, cap_len = self.embed_with_references(x, cap_feats, attention_mask, t, ref_latents, transformer_options)
+            t_ref = self.t_embedder(torch.full_like(timesteps, self.time_scale), dtype=x.dtype)  # sigma 0
+            x, freqs_cis, cap_len, split = self.embed_with_references(x, cap_feats, attention_mask, t, t_ref, ref_latents,
+                                                                       transformer_options)
             cap_size = [cap_len] * bs
         else:
             x, _, img_size, cap_size, freqs_cis = self.patchify_and_embed(x, cap_feats, attention_mask, t, num_tokens,
                                                                             transformer_options=transformer_options)
         freqs_cis = freqs_cis.to(x.device)
         for layer in self.layers:
-            x = layer(x, None, freqs_cis, t, transformer_options=transformer_options)
+            if ref_latents:
+                x = _reference_block(layer, x, freqs_cis, t, t_ref, split, transformer_options)
+            else:
+                x = layer(x, None, freqs_cis, t, transformer_options=transformer_options)
         x = self.final_layer(x, t)
         x = self.unpatchify(x, img_size, cap_size, return_tensor=True)[:, :, :h, :w]
         return -x

@@ -5,7 +5,7 @@ import comfy.ops
 import pytest
 import torch
 from comfy.ldm.lumina.model import NextDiT
-from comfyui_zimage.nodes.edit import NextDiTWithReference
+from comfyui_zimage.nodes.edit import NextDiTWithReference, _reference_block
 
 CONFIG = dict(patch_size=2, in_channels=16, dim=256, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4,
               multiple_of=512, ffn_dim_multiplier=2.0, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32,
@@ -64,6 +64,20 @@ def test_reference_latents_are_seen_and_keep_the_output_shape(models):
     assert not torch.allclose(ref_a, ref_b, atol=1e-4) and not torch.allclose(ref_a, plain, atol=1e-4)
     # a reference of another size is patchified on its own grid
     assert ours(x, t, ctx, 13, ref_latents=[torch.randn(2, 16, 12, 20)]).shape == plain.shape
+
+
+@torch.no_grad()
+def test_reference_tokens_are_modulated_at_the_clean_timestep(models):
+    ours, _ = models
+    layer = ours.layers[0]
+    gen = torch.Generator().manual_seed(2)
+    x, t, t_ref = torch.randn(2, 96, 256, generator=gen), torch.randn(2, 256, generator=gen), torch.randn(2, 256, generator=gen)
+    freqs = ours.rope_embedder(torch.rand(2, 96, 3, generator=gen) * 20).movedim(1, 2)
+    # with one timestep for all tokens it is core's block
+    assert torch.allclose(_reference_block(layer, x, freqs, t, t, 64, {}), layer(x, None, freqs, t), atol=1e-5)
+    # the reference tokens' own modulation changes them (and, through attention, the rest)
+    mixed = _reference_block(layer, x, freqs, t, t_ref, 64, {})
+    assert not torch.allclose(mixed[:, 64:], layer(x, None, freqs, t)[:, 64:], atol=1e-3)
 
 
 def test_batched_unpatchify_is_cores_per_sample_loop(models):
