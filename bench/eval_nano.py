@@ -8,7 +8,7 @@ Loads the shipped weights through the Z-Image Checkpoint Loader and samples with
   English: 200 prompts. nano-base at 30 steps, cfg 4, empty negative; nano-turbo at 8 NFE (8 steps of
   res_multistep, counted), cfg 1. Accuracy = attributes right (colour of the named shape, its count, its
   position) / attributes asked, in percent. `zh_en_gap` is the larger of the two models' |zh - en|.
-- 100 edits (recolour / move / delete, half Chinese) with nano-edit at 20 steps, cfg 4: an edit is right
+- 100 edits (recolour / move / delete, half Chinese) with nano-edit at 20 steps, cfg 4 (`--edit-cfg`): an edit is right
   when the named attribute changed and the mean pixel change outside the edited object is below
   `detector.EDIT_OUTSIDE_THRESHOLD`.
 The last line is the JSON of the figures. `--quick` scores 20 prompts and 10 edits.
@@ -97,6 +97,7 @@ def main() -> int:
     ap.add_argument("--models", type=Path, default=REPO_ROOT / "models", help="folder with the family's model folders")
     ap.add_argument("--save", type=Path, help="also write every generated image here")
     ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--edit-cfg", type=float, default=4.0, help="nano-edit's guidance scale")
     ap.add_argument("--only", choices=("base", "turbo", "edit"), action="append", help="score only these variants")
     args = ap.parse_args()
     register_models(args.models)
@@ -154,7 +155,8 @@ def score_edits(args, figures: dict, n_edits: int) -> None:
         before = scenes.render(pair.before)
         latent = vae.encode(torch.from_numpy(np.asarray(before, dtype=np.float32) / 255.0)[None])
         text = scenes.edit_instruction(pair, "zh" if i % 2 == 0 else "en")
-        image = generate(model, clip, vae, text, args.seed + i, 20, 4.0, reference=latent, latent=torch.zeros_like(latent))
+        image = generate(model, clip, vae, text, args.seed + i, 20, args.edit_cfg, reference=latent,
+                         latent=torch.zeros_like(latent))
         result = detector.score_edit(pair, before, image)
         edits.append(result["ok"])
         outside.append(result["outside_change"])

@@ -163,3 +163,16 @@ def test_shape_code_targets_say_the_kind_loudly_even_where_an_object_barely_reac
     assert target.shape == (1, 4, 2, 2)
     assert target[0, 3, 0, 0] == SHAPE_CODE_SCALE and target[0, 3, 0, 1] == SHAPE_CODE_SCALE * 0.5
     assert 0 < target[0, 0, 1, 1] < 0.2 and target[0, 3, 1, 1] == 0
+
+
+def test_edit_region_weights_put_the_focus_on_what_the_edit_changed():
+    from nano.train import LATENT_SCALE, edit_region_weights
+
+    before = torch.zeros(2, 16, 16, 16)
+    after = before.clone()
+    after[0, 3, 5, 5] = 3.0 / LATENT_SCALE   # an object recoloured in one block
+    after[1] += 0.5 / LATENT_SCALE            # the encoder's small global shift: not an edit
+    w = edit_region_weights(before, after, focus=8.0)
+    assert w.shape == (2, 1, 16, 16) and torch.allclose(w.mean(dim=(1, 2, 3)), torch.ones(2))
+    assert w[0, 0, 4:7, 4:7].min() > w[0, 0, 0, 0] * 8  # the changed block and its neighbours weigh 9x the rest
+    assert torch.allclose(w[1], torch.ones(1, 16, 16))  # nothing changed enough: the plain loss
