@@ -1,7 +1,7 @@
 """The shipped nano family through a real ComfyUI server: the bundled workflows run and draw what they can.
 
-The current weights get colours, backgrounds and places right and most shapes and counts, but few edits (issue 3's
-bar: see bench/RESULTS.md); these tests hold the part that is met, so a regression in it fails.
+The current weights get colours, backgrounds and places right and most shapes and counts, and about half the edits
+(issue 3's bar: see bench/RESULTS.md); these tests hold the part that is met, so a regression in it fails.
 """
 from __future__ import annotations
 
@@ -62,6 +62,10 @@ def test_edit_workflow_edits_by_instruction_and_inpaints_only_the_hole(client):
     image = saved["zimage-edit"]
     after = detector.read(image)
     assert image.size == (128, 128) and after.background == "white", [(b.colour, b.shape) for b in after.objects]
+    # “把红色圆形改成绿色”: the red circle turns green where it was
+    green = after.matching("circle", "green")
+    assert green and abs(green[0].x - 0.5) < 0.1 and abs(green[0].y - 0.5) < 0.1, [(b.colour, b.shape) for b in after.objects]
+    assert not after.matching("circle", "red")
     blue = after.matching(colour="blue")  # the object the instruction does not name stays where it was
     assert blue and abs(blue[0].x - 0.2) < 0.1 and abs(blue[0].y - 0.2) < 0.1
 
