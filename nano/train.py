@@ -689,12 +689,10 @@ def train_edit(work, plan, data, te, base, device, seed):
     def step_fn(step):
         gen = step_generator(seed * 1_000_037 + step, device)
         idx, ids, lens = batches.pick(step, seed + 2, plan.batch)
-        ref = (data["edit_before"][idx].float().to(device) - LATENT_SHIFT) * LATENT_SCALE
-        focus = weights
-        if plan.edit_focus:
-            focus = weights * edit_region_weights(data["edit_before"][idx], data["edit_after"][idx], plan.edit_focus)
-        loss = flow_loss(dit, te, data["edit_after"][idx], ids, lens, gen, device, refs=[ref], te_grad=False,
-                         weights=focus)
+        before, after = data["edit_before"][idx], data["edit_after"][idx]
+        ref = (before.float().to(device) - LATENT_SHIFT) * LATENT_SCALE
+        focus = weights * edit_region_weights(before, after, plan.edit_focus)  # focus 0: all ones, the plain loss
+        loss = flow_loss(dit, te, after, ids, lens, gen, device, refs=[ref], te_grad=False, weights=focus)
         return optimise(opt, loss, dit.parameters())
 
     state = stage.run(step_fn, ema)
