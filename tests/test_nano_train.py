@@ -176,3 +176,16 @@ def test_edit_region_weights_put_the_focus_on_what_the_edit_changed():
     assert w.shape == (2, 1, 16, 16) and torch.allclose(w.mean(dim=(1, 2, 3)), torch.ones(2))
     assert w[0, 0, 4:7, 4:7].min() > w[0, 0, 0, 0] * 8  # the changed block and its neighbours weigh 9x the rest
     assert torch.allclose(w[1], torch.ones(1, 16, 16))  # nothing changed enough: the plain loss
+
+
+def test_edge_weights_weigh_up_only_the_outlines():
+    from nano.train import edge_weights, images_to_tensor
+    from nano.scenes import Item, Scene, render
+
+    x = images_to_tensor([render(Scene("white", (Item("star", "red", 0.5, 0.5, 0.2),)))])
+    w = edge_weights(x, 4.0)
+    assert w.shape == (1, 1, 128, 128) and set(torch.unique(w).tolist()) == {1.0, 5.0}
+    assert w[0, 0, 0, 0] == 1.0 and w[0, 0, 64, 64] == 1.0  # the background and the star's middle: plain
+    ring = w[0, 0] > 1
+    assert 0.02 < ring.float().mean() < 0.3  # a thin band, not the whole object
+    assert torch.equal(edge_weights(torch.zeros(1, 3, 16, 16), 4.0), torch.ones(1, 1, 16, 16))  # no outline, no weight
