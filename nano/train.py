@@ -76,7 +76,7 @@ class Plan:
     decoder_edge: float = 4.0   # extra pixel-loss weight on objects' outlines (0: the plain loss)
     base_steps: int = 8000  # its loss still fell by ~0.01 per 1000 steps at 5500 (bench/RESULTS.md)
     turbo_steps: int = 800
-    edit_steps: int = 3000  # on 20 000 pairs 2 000 steps scored 47 %, 3 000 scored 56 % (bench/RESULTS.md)
+    edit_steps: int = 4000  # on 20 000 pairs 2 000 / 3 000 / 4 000 steps scored 47 / 56 (65 with the new decoder) / 72 %
     batch: int = 32
     lr: float = 5e-4
     zh_share: float = 0.52   # Chinese captions: at least half of training (at 0.55 English trailed by 2.5-7 points)
@@ -803,7 +803,7 @@ def main(argv=None) -> int:
                          "take about 2 minutes more on an H200)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
     ap.add_argument("--plan", choices=("auto", "cpu", "gpu"), default="auto",
-                    help="sizes and steps: the CPU plan (fixed steps, about 180 min on 2 cores) or the GPU plan "
+                    help="sizes and steps: the CPU plan (fixed steps, about 195 min on 2 cores) or the GPU plan "
                          "(timed by --minutes); auto picks by device")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")

@@ -179,8 +179,8 @@ def test_edit_region_weights_put_the_focus_on_what_the_edit_changed():
 
 
 def test_edge_weights_weigh_up_only_the_outlines():
-    from nano.train import edge_weights, images_to_tensor
     from nano.scenes import Item, Scene, render
+    from nano.train import edge_weights, images_to_tensor
 
     x = images_to_tensor([render(Scene("white", (Item("star", "red", 0.5, 0.5, 0.2),)))])
     w = edge_weights(x, 4.0)
