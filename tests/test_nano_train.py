@@ -189,3 +189,19 @@ def test_edge_weights_weigh_up_only_the_outlines():
     ring = w[0, 0] > 1
     assert 0.02 < ring.float().mean() < 0.3  # a thin band, not the whole object
     assert torch.equal(edge_weights(torch.zeros(1, 3, 16, 16), 4.0), torch.ones(1, 1, 16, 16))  # no outline, no weight
+
+
+def test_fat_footprints_widen_the_colours_and_keep_the_shape_codes():
+    from nano.train import SHAPE_CODES, fat_footprints
+
+    z = torch.zeros(64, 16, 16, 16)
+    z[:, :, 6:10, 6:10] = 1.0  # an object: colour and code channels over the same 4x4 blocks
+    degraded = torch.full_like(z, 7.0)
+    out = fat_footprints(z, degraded, torch.Generator().manual_seed(0), share=0.5)
+    widened = out[:, 0, 0, 0] != 7.0
+    assert 10 < int(widened.sum()) < 54  # about half the batch, the rest passed through
+    assert torch.equal(out[~widened], degraded[~widened])
+    w = out[widened]
+    assert torch.equal(w[:, SHAPE_CODES], z[widened][:, SHAPE_CODES])  # the codes keep the exact outline
+    assert (w[:, 0, 5, 7] > 0).all() and (w[:, 0, 0, 0] == 0).all()  # the colour spreads one block past it, not far
+    assert torch.equal(fat_footprints(z, degraded, torch.Generator().manual_seed(0), share=0.0), degraded)
