@@ -403,7 +403,8 @@ def edge_weights(x: torch.Tensor, edge: float) -> torch.Tensor:
 def finetune_decoder(work: Path, plan: Plan, vae: VAE, device, seed: int) -> None:
     """The encoder's mid-block attention is global, so whole images give latents that crops never showed the
     decoder. With the encoder frozen (the data set's latents do not change), teach the decoder whole images, with
-    the outlines weighted up (`edge_weights`)."""
+    the outlines weighted up (`edge_weights`) and, in some latents, the colour wider than the codes' outline
+    (`fat_footprints`)."""
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
