@@ -71,8 +71,8 @@ class Plan:
     vae_steps: int = 1500
     vae_batch: int = 16
     vae_crop: int = 48
-    decoder_steps: int = 3000  # with edge weighting the round trip of the eval's scenes read 95 / 97 / 99 / 100 %
-    decoder_batch: int = 8      # after 500 / 1000 / 1500 / 2000 steps (600 plain steps: 90 %; bench/RESULTS.md)
+    decoder_steps: int = 3000  # with edge weighting the round trip of the eval's scenes read 95 / 97 / 99 / 100 % after
+    decoder_batch: int = 8      # 500 / 1000 / 1500 / 2000 steps (600 plain: 90 %); fat footprints then +1000 (RESULTS.md)
     decoder_edge: float = 4.0   # extra pixel-loss weight on objects' outlines (0: the plain loss)
     decoder_fat: float = 0.5    # share of decoder batches whose colour footprints are widened (`fat_footprints`)
     base_steps: int = 8000  # its loss still fell by ~0.01 per 1000 steps at 5500 (bench/RESULTS.md)
@@ -323,6 +323,11 @@ def images_to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+def blur3(t: torch.Tensor) -> torch.Tensor:
+    """A 3x3 box blur that keeps the edges' level (the padding is not averaged in)."""
+    return torch.nn.functional.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=False)
+
+
 def degrade_latents(z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """What a DiT's samples look like to the decoder, which learns to draw crisp outlines from them rather than trust
     every latent pixel: half the batch blurred (by a random amount) and noised; then a quarter with only the colour
@@ -332,7 +337,7 @@ def degrade_latents(z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     pick = (torch.rand(b, 1, 1, 1, generator=gen) < 0.5).to(z.device)
     amount = torch.rand(b, 1, 1, 1, generator=gen).to(z.device)
     noise = torch.randn(z.shape, generator=gen).to(z.device) * 0.3 * torch.rand(b, 1, 1, 1, generator=gen).to(z.device)
-    blurred = torch.nn.functional.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
+    blurred = blur3(z)
     std = z.detach().std(dim=(0, 2, 3), keepdim=True)
     out = torch.where(pick, torch.lerp(z, blurred, amount) + noise * std, z)
     colour_only = (torch.rand(b, 1, 1, 1, generator=gen) < 0.25).to(z.device)
@@ -347,8 +352,8 @@ def fat_footprints(z: torch.Tensor, degraded: torch.Tensor, gen: torch.Generator
     b = z.shape[0]
     pick = (torch.rand(b, 1, 1, 1, generator=gen) < share).to(z.device)
     twice = (torch.rand(b, 1, 1, 1, generator=gen) < 0.5).to(z.device)
-    once = torch.nn.functional.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
-    wide = torch.where(twice, torch.nn.functional.avg_pool2d(once, 3, stride=1, padding=1, count_include_pad=False), once)
+    once = blur3(z)
+    wide = torch.where(twice, blur3(once), once)
     wide[:, SHAPE_CODES] = z[:, SHAPE_CODES]
     return torch.where(pick, wide, degraded)
 
@@ -395,7 +400,7 @@ def edge_weights(x: torch.Tensor, edge: float) -> torch.Tensor:
     """Per pixel, 1 + `edge` on and next to an outline (a colour step in the image), else 1. The plain loss let the
     decoder round off a small star's points, which the detector then read as a triangle or circle: small stars
     were 11 of the 12 misread round trips of the evaluation's scenes (bench/RESULTS.md)."""
-    step = (x - torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)).abs()
+    step = (x - blur3(x)).abs()
     outline = (step.amax(dim=1, keepdim=True) > 0.02).float()
     return 1.0 + edge * torch.nn.functional.max_pool2d(outline, 3, stride=1, padding=1)
 
