@@ -7,7 +7,8 @@
 Every stage is seeded and checkpoints itself (safetensors + JSON) every few minutes, so a stopped run
 resumes where it was by running the same command again; finished stages are skipped. Uses CUDA when
 torch sees it, with the GPU plan: more data, batches of 512 and as many steps as each stage's share of
-`--minutes` allows (the step count is fixed after the first steps are timed, and kept on resume).
+`--minutes` allows (the step count is fixed after the first steps are timed, and kept on resume). The DiTs
+train with PyTorch's fused attention; on the CPU they and the data set's encoding also run under torch.compile.
 Writes the shipped weights (fp16 safetensors with `zimage.*` metadata) and a report (`training-report.json`,
 `training-loss.png`).
 
@@ -179,8 +180,9 @@ def make_dit(seed: int):
             p.zero_()
         for layer in list(dit.layers) + list(dit.noise_refiner):
             layer.adaLN_modulation[-1].weight.mul_(0.1)
-        dit.x_pad_token.normal_(0, 0.1)
-        dit.cap_pad_token.normal_(0, 0.1)
+        gen = torch.Generator().manual_seed(seed + 1)  # not the global generator: make_dit(seed) is the same model
+        dit.x_pad_token.normal_(0, 0.1, generator=gen)  # whatever ran before it (compiling draws from that one)
+        dit.cap_pad_token.normal_(0, 0.1, generator=gen)
     return dit
 
 
@@ -313,6 +315,30 @@ def optimise(opt, loss, params) -> float:
 
 def make_optimizer(groups):
     return torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0, eps=1e-8)
+
+
+def use_sdpa_attention() -> None:
+    """Train with PyTorch's fused attention. On the CPU ComfyUI picks its sub-quadratic attention, a Python loop of
+    chunks that is slower here and breaks a compiled graph into pieces (recompiled for each sequence length); the
+    arithmetic is the same attention, so what is trained runs the same under either."""
+    import comfy.ldm.lumina.model
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    comfy.ldm.lumina.model.optimized_attention_masked = attention_pytorch
+
+
+def compiled(fn, enabled: bool):
+    """`fn` (a module or a method) under torch.compile when `enabled`; parameters, state dict and EMA stay the
+    module's own. On 2 CPU cores the DiT's norms, modulation and RoPE are many small memory-bound ops: fused, its
+    training steps are 1.3-1.8x faster, and the VAE encodes 1.5x faster (bench/train_speed.py). Batches keep one
+    shape, so each use compiles once; where compiling fails (no C++ compiler) dynamo runs `fn` eagerly instead."""
+    if not enabled:
+        return fn
+    import torch._dynamo
+    torch._dynamo.config.suppress_errors = True
+    # base, the teacher and student of turbo, and edit each add entries for the same forward code
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    return torch.compile(fn, dynamic=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -479,11 +505,12 @@ class Captions:
 
 
 @torch.no_grad()
-def build_dataset(work: Path, plan: Plan, vae: VAE, device, seed: int) -> Path:
+def build_dataset(work: Path, plan: Plan, vae: VAE, device, seed: int, compile_encoder: bool = False) -> Path:
     path = work / "data.safetensors"
     if path.exists():
         return path
     captions = Captions()
+    encode = compiled(vae.encode, compile_encoder)  # encoding is most of this stage
     rng = random.Random(seed)
     log(f"data: rendering and encoding {plan.scenes} scenes and {plan.edit_pairs} edit pairs")
 
@@ -501,7 +528,7 @@ def build_dataset(work: Path, plan: Plan, vae: VAE, device, seed: int) -> Path:
 
         def flush(self):
             if self.pending:
-                mean, _ = vae.encode(images_to_tensor(self.pending).to(device))
+                mean, _ = encode(images_to_tensor(self.pending).to(device))
                 self.append(mean.half().cpu())
                 self.pending = []
 
@@ -598,7 +625,9 @@ class Batches:
         lens = self.lens[rows]
         bucket = (lens + 31) // 32
         keep = bucket == bucket[0]
-        width = int(lens[keep].max())
+        # every batch of a bucket has the same width (the DiT pads captions to 32 tokens anyway, and the causal encoder
+        # leaves the captions' own states alone), so a compiled model sees one shape and never recompiles
+        width = min(self.ids.shape[1], 32 * int(bucket[0]))
         return torch.from_numpy(idx)[keep], self.ids[rows[keep], :width].long(), lens[keep]
 
 
@@ -622,8 +651,9 @@ def channel_weights(device) -> torch.Tensor:
     return (w / w.mean()).view(1, -1, 1, 1)
 
 
-def train_base(work, plan, data, te, device, seed):
+def train_base(work, plan, data, te, device, seed, compile_dit=False):
     dit = make_dit(seed + 1).to(device)
+    model = compiled(dit, compile_dit)
     ema = EMA(dit, plan.ema_base if plan.base_steps > 1000 else 0.9).to(device)
     opt = make_optimizer([{"params": dit.parameters()}, {"params": te.parameters()}])
     stage = Stage("base", work, {"dit": dit, "te": te, "ema": ema}, opt, plan.base_steps, plan.lr, warmup=200,
@@ -634,7 +664,7 @@ def train_base(work, plan, data, te, device, seed):
     def step_fn(step):
         gen = step_generator(seed * 1_000_003 + step, device)
         idx, ids, lens = batches.pick(step, seed, plan.batch)
-        loss = flow_loss(dit, te, data["latents"][idx], ids, lens, gen, device, weights=weights)
+        loss = flow_loss(model, te, data["latents"][idx], ids, lens, gen, device, weights=weights)
         return optimise(opt, loss, list(dit.parameters()) + list(te.parameters()))
 
     state = stage.run(step_fn, ema)
@@ -649,7 +679,7 @@ def teacher_velocity(teacher, xt, sigma, ctx, lens, unc, unc_lens, cfg):
     return uncond + cfg * (cond - uncond)
 
 
-def train_turbo(work, plan, data, te, teacher, device, seed):
+def train_turbo(work, plan, data, te, teacher, device, seed, compile_dit=False):
     """Teacher-student distillation: the student learns, at cfg 1, to cross each interval of the 8-step
     schedule in one step, matching two guided (cfg 4) teacher steps over the same interval."""
     student = make_dit(seed + 2).to(device)
@@ -657,6 +687,7 @@ def train_turbo(work, plan, data, te, teacher, device, seed):
     teacher.requires_grad_(False)
     te.requires_grad_(False)
     ema = EMA(student, 0.99 if plan.turbo_steps > 200 else 0.5).to(device)
+    teacher_model, student_model = compiled(teacher, compile_dit), compiled(student, compile_dit)
     opt = make_optimizer([{"params": student.parameters()}])
     stage = Stage("turbo", work, {"dit": student, "ema": ema}, opt, plan.turbo_steps, plan.lr * 0.4, warmup=50,
                   minutes=plan.stage_minutes("turbo"))
@@ -682,10 +713,10 @@ def train_turbo(work, plan, data, te, teacher, device, seed):
             unc_lens = empty_len.expand(ctx.shape[0]).clone()
             xs, mid = x, (s0 + s1) / 2
             for a, b in ((s0, mid), (mid, s1)):
-                v = teacher_velocity(teacher, xs, a, ctx, lens.to(device), unc, unc_lens.to(device), plan.teacher_cfg)
+                v = teacher_velocity(teacher_model, xs, a, ctx, lens.to(device), unc, unc_lens.to(device), plan.teacher_cfg)
                 xs = xs + (b - a).view(-1, 1, 1, 1) * v
             target = (xs - x) / (s1 - s0).view(-1, 1, 1, 1)
-        out = student(x, s0, ctx, ctx.shape[1], cap_lengths=lens.to(device))
+        out = student_model(x, s0, ctx, ctx.shape[1], cap_lengths=lens.to(device))
         loss = (out - target).pow(2).mean()
         return optimise(opt, loss, student.parameters())
 
@@ -706,12 +737,13 @@ def edit_region_weights(before: torch.Tensor, after: torch.Tensor, focus: float)
     return w / w.mean(dim=(1, 2, 3), keepdim=True)
 
 
-def train_edit(work, plan, data, te, base, device, seed):
+def train_edit(work, plan, data, te, base, device, seed, compile_dit=False):
     """Instruction editing from nano-base: the input image's latent enters as reference tokens."""
     dit = make_dit(seed + 3).to(device)
     dit.load_state_dict(base.state_dict())
     te.requires_grad_(False)
     ema = EMA(dit, 0.995 if plan.edit_steps > 500 else 0.5).to(device)
+    model = compiled(dit, compile_dit)
     opt = make_optimizer([{"params": dit.parameters()}])
     stage = Stage("edit", work, {"dit": dit, "ema": ema}, opt, plan.edit_steps, plan.lr * 0.6, warmup=100,
                   minutes=plan.stage_minutes("edit"))
@@ -724,7 +756,7 @@ def train_edit(work, plan, data, te, base, device, seed):
         before, after = data["edit_before"][idx], data["edit_after"][idx]
         ref = (before.float().to(device) - LATENT_SHIFT) * LATENT_SCALE
         focus = weights * edit_region_weights(before, after, plan.edit_focus)  # focus 0: all ones, the plain loss
-        loss = flow_loss(dit, te, after, ids, lens, gen, device, refs=[ref], te_grad=False, weights=focus)
+        loss = flow_loss(model, te, after, ids, lens, gen, device, refs=[ref], te_grad=False, weights=focus)
         return optimise(opt, loss, dit.parameters())
 
     state = stage.run(step_fn, ema)
@@ -822,8 +854,12 @@ def main(argv=None) -> int:
                     help="the GPU plan: how long the training stages run together (building the data set and loading "
                          "take about 2 minutes more on an H200)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="torch.compile the DiT stages (base, turbo, edit): about 1.3x faster steps on the CPU, after a "
+                         "minute or two of compiling each; auto: on for the CPU plan, off for --quick and the GPU plan "
+                         "(not measured there)")
     ap.add_argument("--plan", choices=("auto", "cpu", "gpu"), default="auto",
-                    help="sizes and steps: the CPU plan (fixed steps, about 205 min on 2 cores) or the GPU plan "
+                    help="sizes and steps: the CPU plan (fixed steps, about 140 min on 2 cores, compiled) or the GPU plan "
                          "(timed by --minutes); auto picks by device")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -844,6 +880,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     started = time.time()
     torch.manual_seed(args.seed)
+    use_sdpa_attention()
 
     vae = train_vae(args.work, plan, device, args.seed)
     stats_path = args.work / "vae-stats.json"
@@ -855,14 +892,15 @@ def main(argv=None) -> int:
         vae.load_state_dict(load_file(str(args.work / "vae-normalised.safetensors")))
     finetune_decoder(args.work, plan, vae, device, args.seed)
     vae.eval()
-    data = load_file(str(build_dataset(args.work, plan, vae, device, args.seed)))
+    fast = args.compile == "on" or (args.compile == "auto" and not args.quick and not use_gpu_plan)
+    data = load_file(str(build_dataset(args.work, plan, vae, device, args.seed, compile_encoder=fast)))
     for key in ("latents", "edit_before", "edit_after"):  # batches are gathered where the model runs
         data[key] = data[key].to(device)
     te = make_text_encoder(args.seed + 5, used_token_ids(data)).to(device)
-    base, base_state = train_base(args.work, plan, data, te, device, args.seed)
-    turbo, turbo_state = train_turbo(args.work, plan, data, te, base, device, args.seed)
+    base, base_state = train_base(args.work, plan, data, te, device, args.seed, compile_dit=fast)
+    turbo, turbo_state = train_turbo(args.work, plan, data, te, base, device, args.seed, compile_dit=fast)
     base.requires_grad_(False)
-    edit, edit_state = train_edit(args.work, plan, data, te, base, device, args.seed)
+    edit, edit_state = train_edit(args.work, plan, data, te, base, device, args.seed, compile_dit=fast)
 
     vae_state = json.loads(file_metadata(args.work / "vae.ckpt.safetensors").get("state", "{}"))
     decoder_state = json.loads(file_metadata(args.work / "vae-decoder.ckpt.safetensors").get("state", "{}"))

@@ -205,3 +205,66 @@ def test_fat_footprints_widen_the_colours_and_keep_the_shape_codes():
     assert torch.equal(w[:, SHAPE_CODES], z[widened][:, SHAPE_CODES])  # the codes keep the exact outline
     assert (w[:, 0, 5, 7] > 0).all() and (w[:, 0, 0, 0] == 0).all()  # the colour spreads one block past it, not far
     assert torch.equal(fat_footprints(z, degraded, torch.Generator().manual_seed(0), share=0.0), degraded)
+
+
+def test_batches_keep_one_width_and_padding_a_caption_further_changes_nothing():
+    from nano.train import Batches, Plan, encode_text, make_dit, make_text_encoder
+
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.randint(6, 26, (64,), generator=gen, dtype=torch.int32)
+    ids = torch.randint(0, 300, (64, 25), generator=gen, dtype=torch.int32)
+    data = {"zh.ids": ids, "zh.len": lens, "en.ids": ids, "en.len": lens,
+            "empty.ids": ids[:1, :8], "empty.len": torch.tensor([8], dtype=torch.int32)}
+    batches = Batches(data, "", Plan())
+    picks = [batches.pick(step, 1, 16) for step in range(20)]
+    # one shape for every step, so a compiled model never recompiles
+    assert {tuple(p[1].shape) for p in picks} == {(16, 25)}
+    # the DiT's output for a caption is the same whether the batch pads it to 25 tokens or to its own length
+    te, dit = make_text_encoder(3, list(range(300))), make_dit(4)
+    with torch.no_grad():  # a trained model's output layer, not adaLN-Zero's zeros
+        for p in dit.final_layer.parameters():
+            p.normal_(0, 0.1, generator=gen)
+    n = 13
+    short, padded = ids[:1, :n].long(), ids[:1].long()
+    x, sigma = torch.randn(1, 16, 16, 16, generator=gen), torch.tensor([0.6])
+    with torch.no_grad():
+        outs = [dit(x, sigma, encode_text(te, i), i.shape[1], cap_lengths=torch.tensor([n])) for i in (short, padded)]
+    assert outs[0].abs().mean() > 0
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_make_dit_is_the_same_model_whatever_drew_from_the_global_generator_before():
+    from nano.train import make_dit
+
+    first = make_dit(5).state_dict()
+    torch.randn(1000)  # compiling, data loading or another stage may draw from it
+    second = make_dit(5).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(make_dit(6).state_dict()["cap_pad_token"], first["cap_pad_token"])
+
+
+def test_compiled_training_steps_compute_what_eager_ones_do(tmp_path):
+    """The CPU plan compiles the DiT and trains with PyTorch's fused attention: the same arithmetic, so the same losses."""
+    import comfy.ldm.lumina.model
+
+    from nano.train import Plan, make_text_encoder, train_base, use_sdpa_attention
+
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.randint(8, 20, (8,), generator=gen, dtype=torch.int32)
+    ids = torch.randint(0, 200, (8, 20), generator=gen, dtype=torch.int32)
+    data = {"latents": torch.randn(8, 16, 16, 16, generator=gen).half(), "zh.ids": ids, "zh.len": lens, "en.ids": ids,
+            "en.len": lens, "empty.ids": ids[:1, :8], "empty.len": torch.tensor([8], dtype=torch.int32)}
+    plan = Plan(base_steps=2, batch=4)
+    comfy_attention = comfy.ldm.lumina.model.optimized_attention_masked
+    losses = []
+    try:
+        for fast in (False, True):
+            if fast:
+                use_sdpa_attention()
+            (tmp_path / str(fast)).mkdir()
+            _, state = train_base(tmp_path / str(fast), plan, data, make_text_encoder(3, list(range(200))), "cpu", 1,
+                                  compile_dit=fast)
+            losses.append(state["losses"][-1][1])
+    finally:
+        comfy.ldm.lumina.model.optimized_attention_masked = comfy_attention
+    assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)
