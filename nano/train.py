@@ -76,6 +76,8 @@ class Plan:
     decoder_batch: int = 8      # 500 / 1000 / 1500 / 2000 steps (600 plain: 90 %); fat footprints then +1000 (RESULTS.md)
     decoder_edge: float = 4.0   # extra pixel-loss weight on objects' outlines (0: the plain loss)
     decoder_fat: float = 0.5    # share of decoder batches whose colour footprints are widened (`fat_footprints`)
+    decoder_mottle: float = 0.5       # share of decoder batches whose colours drift smoothly (`mottled_colours`)
+    decoder_mottle_size: float = 0.6  # how far, at most (normalised latent units; orange to yellow is 1.3)
     base_steps: int = 8000  # its loss still fell by ~0.01 per 1000 steps at 5500 (bench/RESULTS.md)
     turbo_steps: int = 800
     edit_steps: int = 4000  # on 20 000 pairs 2 000 / 3 000 / 4 000 steps scored 47 / 56 (65 with the new decoder) / 72 %
@@ -330,7 +332,7 @@ def use_sdpa_attention() -> None:
 def compiled(fn, enabled: bool):
     """`fn` (a module or a method) under torch.compile when `enabled`; parameters, state dict and EMA stay the
     module's own. On 2 CPU cores the DiT's norms, modulation and RoPE are many small memory-bound ops: fused, its
-    training steps are 1.3-1.8x faster, and the VAE encodes 1.5x faster (bench/train_speed.py). Batches keep one
+    training steps are about 1.45x faster, and so is the VAE's encoding (bench/bench_train_speed.py). Batches keep one
     shape, so each use compiles once; where compiling fails (no C++ compiler) dynamo runs `fn` eagerly instead."""
     if not enabled:
         return fn
@@ -384,6 +386,23 @@ def fat_footprints(z: torch.Tensor, degraded: torch.Tensor, gen: torch.Generator
     return torch.where(pick, wide, degraded)
 
 
+def mottled_colours(z: torch.Tensor, gen: torch.Generator, share: float, size: float) -> torch.Tensor:
+    """For `share` of the batch, the colour channels drift smoothly across the picture: a random field drawn at 4x4
+    and upsampled, its norm up to `size` normalised latent units; the shape codes are kept. Orange and yellow lie 1.3
+    apart in the latent (red and orange 2.8), and the DiT painted orange squares half orange, half yellow, which the
+    detector reads as two objects (bench/RESULTS.md). With a drift under half that distance the decoder learns to
+    draw each object in one clean colour."""
+    b, colours = z.shape[0], SHAPE_CODES.start
+    pick = (torch.rand(b, 1, 1, 1, generator=gen) < share).float()
+    field = torch.nn.functional.interpolate(torch.randn(b, colours, 4, 4, generator=gen), size=z.shape[-2:],
+                                            mode="bilinear", align_corners=False)
+    field = field / field.norm(dim=1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    scale = torch.rand(b, 1, 1, 1, generator=gen) * size / LATENT_SCALE  # raw latent units
+    out = z.clone()
+    out[:, :colours] += (pick * scale * field).to(z.device, z.dtype)
+    return out
+
+
 def shape_code_targets(masks: torch.Tensor) -> torch.Tensor:
     """Per 8x8 block, SHAPE_CODE_SCALE x min(1, CODE_GAIN x the block's coverage by each shape kind): a block an
     object's tip barely touches still says loudly which kind it belongs to, where plain coverage was a whisper."""
@@ -435,7 +454,7 @@ def finetune_decoder(work: Path, plan: Plan, vae: VAE, device, seed: int) -> Non
     """The encoder's mid-block attention is global, so whole images give latents that crops never showed the
     decoder. With the encoder frozen (the data set's latents do not change), teach the decoder whole images, with
     the outlines weighted up (`edge_weights`) and, in some latents, the colour wider than the codes' outline
-    (`fat_footprints`)."""
+    (`fat_footprints`) or drifting across an object (`mottled_colours`)."""
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -454,6 +473,7 @@ def finetune_decoder(work: Path, plan: Plan, vae: VAE, device, seed: int) -> Non
             eps = torch.randn(mean.shape, generator=gen).to(device)
             z = mean + 0.1 * eps * (0.5 * logvar).exp()
             z = fat_footprints(z, degrade_latents(z, gen), gen, plan.decoder_fat)
+            z = mottled_colours(z, gen, plan.decoder_mottle, plan.decoder_mottle_size)
         rec = vae.decode(z)
         w = edge_weights(x, plan.decoder_edge)
         loss = (w * ((rec - x).abs() + (rec - x).pow(2))).mean() / w.mean()
@@ -855,11 +875,11 @@ def main(argv=None) -> int:
                          "take about 2 minutes more on an H200)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                    help="torch.compile the DiT stages (base, turbo, edit): about 1.3x faster steps on the CPU, after a "
-                         "minute or two of compiling each; auto: on for the CPU plan, off for --quick and the GPU plan "
-                         "(not measured there)")
+                    help="torch.compile the DiT stages (base, turbo, edit) and the data set's encoding: about 1.45x "
+                         "faster on the CPU, after up to a minute of compiling each; auto: on for the CPU plan, off for "
+                         "--quick and the GPU plan (not measured there)")
     ap.add_argument("--plan", choices=("auto", "cpu", "gpu"), default="auto",
-                    help="sizes and steps: the CPU plan (fixed steps, about 140 min on 2 cores, compiled) or the GPU plan "
+                    help="sizes and steps: the CPU plan (fixed steps, about 135 min on 2 cores, compiled) or the GPU plan "
                          "(timed by --minutes); auto picks by device")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")

@@ -268,3 +268,19 @@ def test_compiled_training_steps_compute_what_eager_ones_do(tmp_path):
     finally:
         comfy.ldm.lumina.model.optimized_attention_masked = comfy_attention
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_mottled_colours_drift_smoothly_and_keep_the_shape_codes():
+    from nano.train import LATENT_SCALE, SHAPE_CODES, mottled_colours
+
+    z = torch.randn(64, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    out = mottled_colours(z, torch.Generator().manual_seed(0), share=0.5, size=0.6)
+    drift = out - z
+    assert torch.equal(drift[:, SHAPE_CODES], torch.zeros_like(drift[:, SHAPE_CODES]))
+    moved = drift.abs().amax(dim=(1, 2, 3)) > 0
+    assert 16 < int(moved.sum()) < 48  # about half the batch
+    norm = drift[moved][:, :12].norm(dim=1) * LATENT_SCALE  # normalised latent units, per latent pixel
+    assert 0.02 < float(norm.mean()) < 0.6 and float(norm.amax()) < 1.3  # under orange-to-yellow, mostly far under
+    step = (drift[moved][:, :12, :, 1:] - drift[moved][:, :12, :, :-1]).norm(dim=1) * LATENT_SCALE
+    assert float(step.mean()) < 0.35 * float(norm.mean())  # smooth: neighbours drift alike
+    assert torch.equal(mottled_colours(z, torch.Generator().manual_seed(0), share=0.0, size=0.6), z)
