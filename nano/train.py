@@ -389,9 +389,9 @@ def fat_footprints(z: torch.Tensor, degraded: torch.Tensor, gen: torch.Generator
 def mottled_colours(z: torch.Tensor, gen: torch.Generator, share: float, size: float) -> torch.Tensor:
     """For `share` of the batch, the colour channels drift smoothly across the picture: a random field drawn at 4x4
     and upsampled, its norm up to `size` normalised latent units; the shape codes are kept. Orange and yellow lie 1.3
-    apart in the latent (red and orange 2.8), and the DiT painted orange squares half orange, half yellow, which the
-    detector reads as two objects (bench/RESULTS.md). With a drift under half that distance the decoder learns to
-    draw each object in one clean colour."""
+    apart in the latent (red and orange 2.8), and the DiT paints orange objects drifting from orange to yellow, which
+    the detector reads as two objects. Shown drifts under half that distance, the decoder learns to draw one clean
+    colour through the small ones (the DiT's largest drifts remain: bench/RESULTS.md)."""
     b, colours = z.shape[0], SHAPE_CODES.start
     pick = (torch.rand(b, 1, 1, 1, generator=gen) < share).float()
     field = torch.nn.functional.interpolate(torch.randn(b, colours, 4, 4, generator=gen), size=z.shape[-2:],
