@@ -51,13 +51,6 @@ def small_data_set(n_scenes: int, n_pairs: int) -> tuple[dict, nt.VAE]:
         with torch.no_grad():
             return torch.cat([vae.encode(nt.images_to_tensor(images[k:k + 64]))[0] for k in range(0, len(images), 64)])
 
-    def pack(texts):
-        ids = [captions.ids(t) for t in texts]
-        table = torch.full((len(ids), max(map(len, ids))), 151643, dtype=torch.int32)
-        for k, row in enumerate(ids):
-            table[k, :len(row)] = torch.tensor(row, dtype=torch.int32)
-        return table, torch.tensor([len(i) for i in ids], dtype=torch.int32)
-
     data = {"latents": encode([scenes.render(s) for s in group]),
             "edit_before": encode([scenes.render(p.before) for p in pairs]),
             "edit_after": encode([scenes.render(p.after) for p in pairs])}
@@ -65,7 +58,7 @@ def small_data_set(n_scenes: int, n_pairs: int) -> tuple[dict, nt.VAE]:
              "edit_zh": [scenes.edit_instruction(p, "zh", rng) for p in pairs],
              "edit_en": [scenes.edit_instruction(p, "en", rng) for p in pairs], "empty": [""]}
     for name, rows in texts.items():
-        data[f"{name}.ids"], data[f"{name}.len"] = pack(rows)
+        data[f"{name}.ids"], data[f"{name}.len"] = captions.table(rows)
     return data, vae
 
 

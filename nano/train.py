@@ -53,6 +53,7 @@ SHAPE_CODES = slice(12, 16)
 SHAPE_CODE_SCALE, CODE_GAIN = 2.0, 4.0
 CODE_LOSS_WEIGHT = 4.0  # the DiT read the shape words weakly; with the codes weighted up it learns them sooner
 SAMPLING_SHIFT = 3.0
+PAD_ID = 151643  # Qwen's <|endoftext|>: the pad token of ComfyUI's Z-Image tokenizer
 
 VAE_CONFIG = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 2, 2],
                   num_res_blocks=1, attn_resolutions=[], dropout=0.0)
@@ -523,6 +524,14 @@ class Captions:
             self.cache[text] = [int(t[0]) for batch in tokens for t in batch]
         return self.cache[text]
 
+    def table(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The texts' ids as one int32 table, right-padded with the pad token, and their lengths."""
+        ids = [self.ids(t) for t in texts]
+        table = torch.full((len(ids), max(len(i) for i in ids)), PAD_ID, dtype=torch.int32)
+        for k, row in enumerate(ids):
+            table[k, :len(row)] = torch.tensor(row, dtype=torch.int32)
+        return table, torch.tensor([len(i) for i in ids], dtype=torch.int32)
+
 
 @torch.no_grad()
 def build_dataset(work: Path, plan: Plan, vae: VAE, device, seed: int, compile_encoder: bool = False) -> Path:
@@ -572,17 +581,9 @@ def build_dataset(work: Path, plan: Plan, vae: VAE, device, seed: int, compile_e
         edit_en.append(scenes.edit_instruction(pair, "en", rng))
     edit_before, edit_after = before.tensor(), after.tensor()
 
-    def pack(texts):
-        ids = [captions.ids(t) for t in texts]
-        longest = max(len(i) for i in ids)
-        table = torch.full((len(ids), longest), 151643, dtype=torch.int32)
-        for k, row in enumerate(ids):
-            table[k, :len(row)] = torch.tensor(row, dtype=torch.int32)
-        return table, torch.tensor([len(i) for i in ids], dtype=torch.int32)
-
     tensors = {"latents": latents, "edit_before": edit_before, "edit_after": edit_after}
     for name, texts in (("zh", texts_zh), ("en", texts_en), ("edit_zh", edit_zh), ("edit_en", edit_en), ("empty", [""])):
-        tensors[f"{name}.ids"], tensors[f"{name}.len"] = pack(texts)
+        tensors[f"{name}.ids"], tensors[f"{name}.len"] = captions.table(texts)
     save_file(tensors, str(path), metadata={"examples": json.dumps({"zh": texts_zh[:5], "en": texts_en[:5],
                                                                      "edit_zh": edit_zh[:5], "edit_en": edit_en[:5]},
                                                                     ensure_ascii=False)})
@@ -632,7 +633,7 @@ class Batches:
         self.n = data[f"{prefix}zh.ids"].shape[0]
         tables = [data[f"{prefix}zh.ids"], data[f"{prefix}en.ids"], data["empty.ids"]]
         width = max(t.shape[1] for t in tables)
-        pad = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=151643) for t in tables]
+        pad = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=PAD_ID) for t in tables]
         self.ids = torch.cat(pad)  # rows: zh captions, en captions, then the empty caption
         self.lens = torch.cat([data[f"{prefix}zh.len"], data[f"{prefix}en.len"], data["empty.len"]]).long()
 
