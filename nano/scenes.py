@@ -263,16 +263,27 @@ def render(scene: Scene, size: int = SIZE) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BOX)
 
 
-def render_shape_masks(scene: Scene, size: int = SIZE) -> np.ndarray:
-    """Per shape kind (the order of SHAPES), the fraction of each pixel its objects cover: float32 (4, size, size).
-    Later objects hide earlier ones, as in `render`."""
+def _coverage(scene: Scene, size: int, kinds: tuple, kind_of) -> np.ndarray:
+    """Per kind (`kind_of(item)`, in the order of `kinds`), the fraction of each pixel its objects cover: float32
+    (len(kinds), size, size). Later objects hide earlier ones, as in `render`."""
     side = size * 2
     owner = Image.new("L", (side, side), 0)  # which item (1-based) is on top at each pixel
     draw = ImageDraw.Draw(owner)
     for k, item in enumerate(scene.items):
         _draw_shape(draw, item, side, k + 1)
     owner = np.asarray(owner)
-    masks = np.zeros((len(SHAPES), side, side), dtype=np.float32)
+    masks = np.zeros((len(kinds), side, side), dtype=np.float32)
     for k, item in enumerate(scene.items):
-        masks[SHAPES.index(item.shape)] += owner == k + 1
-    return masks.reshape(len(SHAPES), size, 2, size, 2).mean(axis=(2, 4))
+        masks[kinds.index(kind_of(item))] += owner == k + 1
+    return masks.reshape(len(kinds), size, 2, size, 2).mean(axis=(2, 4))
+
+
+def render_shape_masks(scene: Scene, size: int = SIZE) -> np.ndarray:
+    """Per shape kind (the order of SHAPES), the fraction of each pixel its objects cover: float32 (4, size, size)."""
+    return _coverage(scene, size, SHAPES, lambda item: item.shape)
+
+
+def render_colour_masks(scene: Scene, size: int = SIZE) -> np.ndarray:
+    """Per object colour (the order of OBJECT_COLOURS), the fraction of each pixel its objects cover (labels drawn on an
+    object count as the object's): float32 (6, size, size)."""
+    return _coverage(scene, size, tuple(OBJECT_COLOURS), lambda item: item.colour)

@@ -52,6 +52,13 @@ LATENT_SHIFT, LATENT_SCALE = 0.1159, 0.3611  # ComfyUI's Flux latent format, whi
 SHAPE_CODES = slice(12, 16)
 SHAPE_CODE_SCALE, CODE_GAIN = 2.0, 4.0
 CODE_LOSS_WEIGHT = 4.0  # the DiT read the shape words weakly; with the codes weighted up it learns them sooner
+# The colour codes: three channels before the shape codes hold, per 8x8 block, which object colour covers it, each
+# colour a direction of its own (+-axis; the pairs that share an axis are far apart anyway). Left free, the encoder put
+# orange and yellow 1.3 apart in the latent (purple and blue 2.6, red and orange 2.8; other pairs up to 9.6), and those
+# were the colours the DiTs mixed up: orange objects shading into yellow, purple recoloured blue (bench/RESULTS.md).
+COLOUR_CODES = slice(9, 12)
+COLOUR_CODE_AXES = {"red": (0, 1), "green": (0, -1), "orange": (1, 1), "blue": (1, -1), "yellow": (2, 1), "purple": (2, -1)}
+COLOUR_CODE_LOSS_WEIGHT = 2.0
 SAMPLING_SHIFT = 3.0
 PAD_ID = 151643  # Qwen's <|endoftext|>: the pad token of ComfyUI's Z-Image tokenizer
 
@@ -79,6 +86,7 @@ class Plan:
     decoder_fat: float = 0.5    # share of decoder batches whose colour footprints are widened (`fat_footprints`)
     decoder_mottle: float = 0.5       # share of decoder batches whose colours drift smoothly (`mottled_colours`)
     decoder_mottle_size: float = 0.6  # how far, at most (normalised latent units; orange to yellow is 1.3)
+    decoder_crop: int = 64  # px: the decoder learns on windows of whole images' latents (0: whole images)
     base_steps: int = 8000  # its loss still fell by ~0.01 per 1000 steps at 5500 (bench/RESULTS.md)
     turbo_steps: int = 800
     edit_steps: int = 4000  # on 20 000 pairs 2 000 / 3 000 / 4 000 steps scored 47 / 56 (65 with the new decoder) / 72 %
@@ -410,6 +418,16 @@ def shape_code_targets(masks: torch.Tensor) -> torch.Tensor:
     return SHAPE_CODE_SCALE * (torch.nn.functional.avg_pool2d(masks, 8) * CODE_GAIN).clamp(max=1.0)
 
 
+def colour_code_targets(masks: torch.Tensor) -> torch.Tensor:
+    """From per-colour coverage (B, 6, H, W; `scenes.render_colour_masks`), per 8x8 block the sum of each colour's
+    direction (COLOUR_CODE_AXES) times its loudness, as `shape_code_targets` measures it; 0 where only background."""
+    directions = torch.zeros(len(scenes.OBJECT_COLOURS), COLOUR_CODES.stop - COLOUR_CODES.start)
+    for k, colour in enumerate(scenes.OBJECT_COLOURS):
+        axis, sign = COLOUR_CODE_AXES[colour]
+        directions[k, axis] = sign
+    return torch.einsum("bkhw,kc->bchw", shape_code_targets(masks), directions.to(masks.device))
+
+
 def train_vae(work: Path, plan: Plan, device, seed: int) -> VAE:
     vae = VAE()
     vae.reset(seed)
@@ -419,13 +437,14 @@ def train_vae(work: Path, plan: Plan, device, seed: int) -> VAE:
 
     def step_fn(step):
         rng = random.Random(seed * 7919 + step)
-        imgs, codes = [], []
+        imgs, shapes, colours = [], [], []
         for _ in range(plan.vae_batch):
             scene = scenes.random_edit_pair(rng).before if rng.random() < 0.4 else scenes.random_group_scene(rng, held_out=None)
             c = plan.vae_crop
             x0, y0 = rng.randrange(0, scenes.SIZE - c + 1, 8), rng.randrange(0, scenes.SIZE - c + 1, 8)
             imgs.append(scenes.render(scene).crop((x0, y0, x0 + c, y0 + c)))
-            codes.append(scenes.render_shape_masks(scene)[:, y0:y0 + c, x0:x0 + c])
+            shapes.append(scenes.render_shape_masks(scene)[:, y0:y0 + c, x0:x0 + c])
+            colours.append(scenes.render_colour_masks(scene)[:, y0:y0 + c, x0:x0 + c])
         x = images_to_tensor(imgs).to(device)
         mean, logvar = vae.encode(x)
         gen = torch.Generator().manual_seed(step)
@@ -434,8 +453,9 @@ def train_vae(work: Path, plan: Plan, device, seed: int) -> VAE:
         rec = vae.decode(degrade_latents(z, gen))
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-4 * kl
-        target = shape_code_targets(torch.from_numpy(np.stack(codes))).to(device)
-        loss = loss + (mean[:, SHAPE_CODES] - target).pow(2).mean()
+        shape_target = shape_code_targets(torch.from_numpy(np.stack(shapes))).to(device)
+        colour_target = colour_code_targets(torch.from_numpy(np.stack(colours))).to(device)
+        loss = loss + (mean[:, SHAPE_CODES] - shape_target).pow(2).mean() + (mean[:, COLOUR_CODES] - colour_target).pow(2).mean()
         return optimise(opt, loss, vae.parameters())
 
     stage.run(step_fn)
@@ -449,6 +469,16 @@ def edge_weights(x: torch.Tensor, edge: float) -> torch.Tensor:
     step = (x - blur3(x)).abs()
     outline = (step.amax(dim=1, keepdim=True) > 0.02).float()
     return 1.0 + edge * torch.nn.functional.max_pool2d(outline, 3, stride=1, padding=1)
+
+
+def crop_pairs(z: torch.Tensor, x: torch.Tensor, size: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each latent cut to a random size x size window and its picture to the same 8x larger window."""
+    zs, xs = [], []
+    for i in range(z.shape[0]):
+        top, left = rng.randrange(z.shape[-2] - size + 1), rng.randrange(z.shape[-1] - size + 1)
+        zs.append(z[i, :, top:top + size, left:left + size])
+        xs.append(x[i, :, 8 * top:8 * (top + size), 8 * left:8 * (left + size)])
+    return torch.stack(zs), torch.stack(xs)
 
 
 def finetune_decoder(work: Path, plan: Plan, vae: VAE, device, seed: int) -> None:
@@ -475,6 +505,8 @@ def finetune_decoder(work: Path, plan: Plan, vae: VAE, device, seed: int) -> Non
             z = mean + 0.1 * eps * (0.5 * logvar).exp()
             z = fat_footprints(z, degrade_latents(z, gen), gen, plan.decoder_fat)
             z = mottled_colours(z, gen, plan.decoder_mottle, plan.decoder_mottle_size)
+            if plan.decoder_crop:
+                z, x = crop_pairs(z, x, plan.decoder_crop // 8, rng)
         rec = vae.decode(z)
         w = edge_weights(x, plan.decoder_edge)
         loss = (w * ((rec - x).abs() + (rec - x).pow(2))).mean() / w.mean()
@@ -538,6 +570,7 @@ def build_dataset(work: Path, plan: Plan, vae: VAE, device, seed: int, compile_e
     path = work / "data.safetensors"
     if path.exists():
         return path
+    started = time.time()
     captions = Captions()
     encode = compiled(vae.encode, compile_encoder)  # encoding is most of this stage
     rng = random.Random(seed)
@@ -584,9 +617,9 @@ def build_dataset(work: Path, plan: Plan, vae: VAE, device, seed: int, compile_e
     tensors = {"latents": latents, "edit_before": edit_before, "edit_after": edit_after}
     for name, texts in (("zh", texts_zh), ("en", texts_en), ("edit_zh", edit_zh), ("edit_en", edit_en), ("empty", [""])):
         tensors[f"{name}.ids"], tensors[f"{name}.len"] = captions.table(texts)
-    save_file(tensors, str(path), metadata={"examples": json.dumps({"zh": texts_zh[:5], "en": texts_en[:5],
-                                                                     "edit_zh": edit_zh[:5], "edit_en": edit_en[:5]},
-                                                                    ensure_ascii=False)})
+    examples = {"zh": texts_zh[:5], "en": texts_en[:5], "edit_zh": edit_zh[:5], "edit_en": edit_en[:5]}
+    save_file(tensors, str(path), metadata={"examples": json.dumps(examples, ensure_ascii=False),
+                                            "state": json.dumps({"seconds": time.time() - started})})
     log(f"data: {len(captions.cache)} distinct captions; latent std {latents.float().std():.3f}")
     return path
 
@@ -666,9 +699,11 @@ def flow_loss(dit, te, latents, ids, lens, gen, device, refs=None, te_grad=True,
 
 
 def channel_weights(device) -> torch.Tensor:
-    """The loss weight of each latent channel: the shape codes count CODE_LOSS_WEIGHT times (mean 1)."""
+    """The loss weight of each latent channel: the shape codes count CODE_LOSS_WEIGHT times, the colour codes
+    COLOUR_CODE_LOSS_WEIGHT times (mean 1)."""
     w = torch.ones(VAE_CONFIG["z_channels"], device=device)
     w[SHAPE_CODES] = CODE_LOSS_WEIGHT
+    w[COLOUR_CODES] = COLOUR_CODE_LOSS_WEIGHT
     return (w / w.mean()).view(1, -1, 1, 1)
 
 
@@ -914,7 +949,8 @@ def main(argv=None) -> int:
     finetune_decoder(args.work, plan, vae, device, args.seed)
     vae.eval()
     fast = args.compile == "on" or (args.compile == "auto" and not args.quick and not use_gpu_plan)
-    data = load_file(str(build_dataset(args.work, plan, vae, device, args.seed, compile_encoder=fast)))
+    data_path = build_dataset(args.work, plan, vae, device, args.seed, compile_encoder=fast)
+    data = load_file(str(data_path))
     for key in ("latents", "edit_before", "edit_after"):  # batches are gathered where the model runs
         data[key] = data[key].to(device)
     te = make_text_encoder(args.seed + 5, used_token_ids(data)).to(device)
@@ -926,20 +962,21 @@ def main(argv=None) -> int:
     vae_state = json.loads(file_metadata(args.work / "vae.ckpt.safetensors").get("state", "{}"))
     decoder_state = json.loads(file_metadata(args.work / "vae-decoder.ckpt.safetensors").get("state", "{}"))
     minutes = (time.time() - started) / 60
-    stages = (("vae", vae_state), ("vae-decoder", decoder_state), ("base", base_state), ("turbo", turbo_state),
-              ("edit", edit_state))
+    data_state = json.loads(file_metadata(data_path).get("state", "{}"))
+    stages = (("vae", vae_state), ("vae-decoder", decoder_state), ("data", data_state), ("base", base_state),
+              ("turbo", turbo_state), ("edit", edit_state))
     report = {"seed": args.seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              # the stages' own clocks, which add up across resumes (building the data set is not counted)
+              # the stages' own clocks, which add up across resumes (loading and exporting are not counted)
               "minutes": round(sum(s.get("seconds", 0) for _, s in stages) / 60, 1), "quick": args.quick,
               "plan": plan.__dict__,
-              "final_loss": {k: (s["losses"][-1][1] if s["losses"] else None) for k, s in stages},
+              "final_loss": {k: (s["losses"][-1][1] if s.get("losses") else None) for k, s in stages if "losses" in s},
               "stage_minutes": {k: round(s.get("seconds", 0) / 60, 1) for k, s in stages},
-              "stage_steps": {k: s.get("step", 0) for k, s in stages}}
+              "stage_steps": {k: s.get("step", 0) for k, s in stages if "losses" in s}}
     written = export(args.out, te, vae, {"base": base, "turbo": turbo, "edit": edit}, report)
     report["files"] = {str(p.relative_to(args.out)): p.stat().st_size for p in written}
     report["total_mb"] = round(sum(report["files"].values()) / 2**20, 2)
     (args.out / "training-report.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot_losses(args.out / "training-loss.png", {k: s["losses"] for k, s in stages})
+    plot_losses(args.out / "training-loss.png", {k: s["losses"] for k, s in stages if "losses" in s})
     log(f"done in {minutes:.1f} min (the stages took {report['minutes']} min, resumes included); "
         f"{report['total_mb']} MB of weights in {args.out}")
     print(json.dumps(report))

@@ -54,6 +54,18 @@ def test_shape_masks_cover_each_object_under_its_own_kind_and_hide_what_is_cover
     assert masks[scenes.SHAPES.index("circle")][blue].min() > 0.9
 
 
+def test_colour_masks_cover_each_object_under_its_colour():
+    star, circle = scenes.Item("star", "orange", 0.3, 0.5, 0.15, "A"), scenes.Item("circle", "yellow", 0.7, 0.5, 0.15)
+    scene = scenes.Scene("blue", (star, circle))
+    masks = scenes.render_colour_masks(scene)
+    colours = list(scenes.OBJECT_COLOURS)
+    shapes = scenes.render_shape_masks(scene)
+    assert masks.shape == (6, scenes.SIZE, scenes.SIZE)
+    assert np.allclose(masks[colours.index("orange")], shapes[scenes.SHAPES.index("star")])  # the label counts as the star
+    assert np.allclose(masks[colours.index("yellow")], shapes[scenes.SHAPES.index("circle")])
+    assert masks[colours.index("blue")].sum() == 0  # the background is no object
+
+
 def test_edits_scored_right_only_when_the_named_thing_changed_and_nothing_else():
     rng = random.Random(1)
     for _ in range(150):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,33 @@ def test_shape_code_targets_say_the_kind_loudly_even_where_an_object_barely_reac
     assert target.shape == (1, 4, 2, 2)
     assert target[0, 3, 0, 0] == SHAPE_CODE_SCALE and target[0, 3, 0, 1] == SHAPE_CODE_SCALE * 0.5
     assert 0 < target[0, 0, 1, 1] < 0.2 and target[0, 3, 1, 1] == 0
+
+
+def test_colour_code_targets_give_every_object_colour_its_own_direction():
+    from nano import scenes
+    from nano.train import COLOUR_CODES, SHAPE_CODE_SCALE, colour_code_targets
+
+    codes = {}
+    for colour in scenes.OBJECT_COLOURS:
+        scene = scenes.Scene("white", (scenes.Item("square", colour, 0.5, 0.5, 0.3),))
+        target = colour_code_targets(torch.from_numpy(scenes.render_colour_masks(scene))[None])
+        assert target.shape == (1, COLOUR_CODES.stop - COLOUR_CODES.start, 16, 16)
+        assert target[0, :, 0, 0].abs().sum() == 0  # the background's corner block says nothing
+        codes[colour] = target[0, :, 8, 8]  # a block the square covers whole
+        assert codes[colour].norm() == pytest.approx(SHAPE_CODE_SCALE)
+    names = list(codes)
+    gaps = [float((codes[a] - codes[b]).norm()) for i, a in enumerate(names) for b in names[i + 1:]]
+    assert min(gaps) == pytest.approx(SHAPE_CODE_SCALE * 2 ** 0.5)  # orange and yellow as far apart as any pair
+
+
+def test_crop_pairs_cut_latents_and_pictures_to_the_same_window():
+    from nano.train import crop_pairs
+
+    x = torch.arange(2 * 3 * 128 * 128, dtype=torch.float32).view(2, 3, 128, 128)
+    z = torch.nn.functional.avg_pool2d(x, 8)  # a stand-in latent whose every pixel is its block's mean
+    zc, xc = crop_pairs(z, x, 8, random.Random(3))
+    assert zc.shape == (2, 3, 8, 8) and xc.shape == (2, 3, 64, 64)
+    assert torch.equal(torch.nn.functional.avg_pool2d(xc, 8), zc)
 
 
 def test_edit_region_weights_put_the_focus_on_what_the_edit_changed():
