@@ -87,6 +87,7 @@ class Plan:
     decoder_mottle: float = 0.5       # share of decoder batches whose colours drift smoothly (`mottled_colours`)
     decoder_mottle_size: float = 0.6  # how far, at most (normalised latent units; orange to yellow is 1.3)
     decoder_crop: int = 64  # px: the decoder learns on windows of whole images' latents (0: whole images)
+    decoder_whole_steps: int = 1000  # then on whole images (`finetune_decoder`)
     base_steps: int = 8000  # its loss still fell by ~0.01 per 1000 steps at 5500 (bench/RESULTS.md)
     turbo_steps: int = 800
     edit_steps: int = 4000  # on 20 000 pairs 2 000 / 3 000 / 4 000 steps scored 47 / 56 (65 with the new decoder) / 72 %
@@ -102,8 +103,8 @@ class Plan:
 
     @classmethod
     def quick(cls):
-        return cls(scenes=48, edit_pairs=24, vae_steps=3, vae_batch=2, decoder_steps=2, decoder_batch=2, base_steps=3,
-                   turbo_steps=2, edit_steps=2, batch=4)
+        return cls(scenes=48, edit_pairs=24, vae_steps=3, vae_batch=2, decoder_steps=2, decoder_whole_steps=2, decoder_batch=2,
+                   base_steps=3, turbo_steps=2, edit_steps=2, batch=4)
 
     @classmethod
     def gpu(cls, minutes: float):
@@ -116,7 +117,7 @@ class Plan:
 
     def stage_minutes(self, name: str) -> float:
         """Each stage's share of `minutes` (base learns the most, so it gets the most)."""
-        share = {"vae": 0.09, "vae-decoder": 0.06, "base": 0.5, "turbo": 0.13, "edit": 0.22}[name]
+        share = {"vae": 0.09, "vae-decoder": 0.04, "vae-decoder-whole": 0.02, "base": 0.5, "turbo": 0.13, "edit": 0.22}[name]
         return self.minutes * share
 
 
@@ -481,32 +482,36 @@ def crop_pairs(z: torch.Tensor, x: torch.Tensor, size: int, rng: random.Random) 
     return torch.stack(zs), torch.stack(xs)
 
 
-def finetune_decoder(work: Path, plan: Plan, vae: VAE, device, seed: int) -> None:
+def finetune_decoder(work: Path, plan: Plan, vae: VAE, device, seed: int, whole: bool = False) -> None:
     """The encoder's mid-block attention is global, so whole images give latents that crops never showed the
-    decoder. With the encoder frozen (the data set's latents do not change), teach the decoder whole images, with
-    the outlines weighted up (`edge_weights`) and, in some latents, the colour wider than the codes' outline
-    (`fat_footprints`) or drifting across an object (`mottled_colours`)."""
+    decoder. With the encoder frozen (the data set's latents do not change), teach the decoder whole images' latents,
+    with the outlines weighted up (`edge_weights`) and, in some latents, the colour wider than the codes' outline
+    (`fat_footprints`) or drifting across an object (`mottled_colours`). It learns first on windows of them
+    (`Plan.decoder_crop`, 3x cheaper a step), then (`whole`) on whole pictures: a window's edge looks to the decoder
+    like the picture's, and the windows alone left a frame round the picture and a tint on its background."""
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = make_optimizer([{"params": params}])
-    stage = Stage("vae-decoder", work, {"vae": vae}, opt, plan.decoder_steps, lr=5e-4, warmup=50,
-                  minutes=plan.stage_minutes("vae-decoder"))
+    name, steps, crop, lr = (("vae-decoder-whole", plan.decoder_whole_steps, 0, 2e-4) if whole else
+                             ("vae-decoder", plan.decoder_steps, plan.decoder_crop, 5e-4))
+    draws = 1_000_000 if whole else 0  # the whole pictures' scenes and noise are not the windows' again
+    stage = Stage(name, work, {"vae": vae}, opt, steps, lr=lr, warmup=50, minutes=plan.stage_minutes(name))
 
     def step_fn(step):
-        rng = random.Random(seed * 7907 + step)
+        rng = random.Random(seed * 7907 + draws + step)
         x = images_to_tensor([scenes.render(scenes.random_edit_pair(rng).after if rng.random() < 0.4 else
                                             scenes.random_group_scene(rng, held_out=None))
                               for _ in range(plan.decoder_batch)]).to(device)
         with torch.no_grad():
             mean, logvar = vae.encode(x)
-            gen = torch.Generator().manual_seed(step)
+            gen = torch.Generator().manual_seed(draws + step)
             eps = torch.randn(mean.shape, generator=gen).to(device)
             z = mean + 0.1 * eps * (0.5 * logvar).exp()
             z = fat_footprints(z, degrade_latents(z, gen), gen, plan.decoder_fat)
             z = mottled_colours(z, gen, plan.decoder_mottle, plan.decoder_mottle_size)
-            if plan.decoder_crop:
-                z, x = crop_pairs(z, x, plan.decoder_crop // 8, rng)
+            if crop:
+                z, x = crop_pairs(z, x, crop // 8, rng)
         rec = vae.decode(z)
         w = edge_weights(x, plan.decoder_edge)
         loss = (w * ((rec - x).abs() + (rec - x).pow(2))).mean() / w.mean()
@@ -947,6 +952,7 @@ def main(argv=None) -> int:
     else:
         vae.load_state_dict(load_file(str(args.work / "vae-normalised.safetensors")))
     finetune_decoder(args.work, plan, vae, device, args.seed)
+    finetune_decoder(args.work, plan, vae, device, args.seed, whole=True)
     vae.eval()
     fast = args.compile == "on" or (args.compile == "auto" and not args.quick and not use_gpu_plan)
     data_path = build_dataset(args.work, plan, vae, device, args.seed, compile_encoder=fast)
@@ -960,11 +966,12 @@ def main(argv=None) -> int:
     edit, edit_state = train_edit(args.work, plan, data, te, base, device, args.seed, compile_dit=fast)
 
     vae_state = json.loads(file_metadata(args.work / "vae.ckpt.safetensors").get("state", "{}"))
-    decoder_state = json.loads(file_metadata(args.work / "vae-decoder.ckpt.safetensors").get("state", "{}"))
+    decoder_state, whole_state = (json.loads(file_metadata(args.work / f"{name}.ckpt.safetensors").get("state", "{}"))
+                                  for name in ("vae-decoder", "vae-decoder-whole"))
     minutes = (time.time() - started) / 60
     data_state = json.loads(file_metadata(data_path).get("state", "{}"))
-    stages = (("vae", vae_state), ("vae-decoder", decoder_state), ("data", data_state), ("base", base_state),
-              ("turbo", turbo_state), ("edit", edit_state))
+    stages = (("vae", vae_state), ("vae-decoder", decoder_state), ("vae-decoder-whole", whole_state), ("data", data_state),
+              ("base", base_state), ("turbo", turbo_state), ("edit", edit_state))
     report = {"seed": args.seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               # the stages' own clocks, which add up across resumes (loading and exporting are not counted)
               "minutes": round(sum(s.get("seconds", 0) for _, s in stages) / 60, 1), "quick": args.quick,

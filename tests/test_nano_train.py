@@ -49,7 +49,8 @@ def test_quick_training_writes_a_loadable_family_and_resumes(tmp_path):
     out, work = tmp_path / "models", tmp_path / "work"
     log = train(out, work)
     report = json.loads(log.strip().splitlines()[-1])
-    assert report["quick"] and set(report["final_loss"]) == {"vae", "vae-decoder", "base", "turbo", "edit"}
+    assert report["quick"] and set(report["final_loss"]) == {"vae", "vae-decoder", "vae-decoder-whole", "base", "turbo", "edit"}
+    assert "data" in report["stage_minutes"]  # building the data set counts towards the training's minutes
     assert (out / "training-loss.png").stat().st_size > 0 and (out / "training-report.json").exists()
     for variant in ("base", "turbo", "edit"):
         path = out / "diffusion_models" / f"nano_zimage_{variant}.safetensors"
@@ -100,7 +101,8 @@ def test_a_time_budget_fixes_the_step_count_once_timed_and_a_resume_keeps_it(tmp
     from nano.train import Plan, Stage, make_optimizer
 
     plan = Plan.gpu(minutes=10)
-    assert sum(plan.stage_minutes(s) for s in ("vae", "vae-decoder", "base", "turbo", "edit")) == pytest.approx(10)
+    stages = ("vae", "vae-decoder", "vae-decoder-whole", "base", "turbo", "edit")
+    assert sum(plan.stage_minutes(s) for s in stages) == pytest.approx(10)
     model = torch.nn.Linear(2, 2)
 
     def stage():
