@@ -263,27 +263,35 @@ def render(scene: Scene, size: int = SIZE) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BOX)
 
 
-def _coverage(scene: Scene, size: int, kinds: tuple, kind_of) -> np.ndarray:
-    """Per kind (`kind_of(item)`, in the order of `kinds`), the fraction of each pixel its objects cover: float32
-    (len(kinds), size, size). Later objects hide earlier ones, as in `render`."""
+def render_object_masks(scene: Scene, size: int = SIZE) -> np.ndarray:
+    """Per item of `scene`, the fraction of each pixel it covers where no later item hides it (as in `render`; labels
+    drawn on an object count as the object's): float32 (len(items), size, size)."""
     side = size * 2
     owner = Image.new("L", (side, side), 0)  # which item (1-based) is on top at each pixel
     draw = ImageDraw.Draw(owner)
     for k, item in enumerate(scene.items):
         _draw_shape(draw, item, side, k + 1)
     owner = np.asarray(owner)
-    masks = np.zeros((len(kinds), side, side), dtype=np.float32)
-    for k, item in enumerate(scene.items):
-        masks[kinds.index(kind_of(item))] += owner == k + 1
-    return masks.reshape(len(kinds), size, 2, size, 2).mean(axis=(2, 4))
+    masks = np.stack([owner == k + 1 for k in range(len(scene.items))]).astype(np.float32).reshape(-1, side, side)
+    return masks.reshape(-1, size, 2, size, 2).mean(axis=(2, 4))
+
+
+def masks_by(scene: Scene, objects: np.ndarray, attribute: str) -> np.ndarray:
+    """`render_object_masks`' per-item masks (any window of them) summed per kind of `attribute`: "shape" (the order
+    of SHAPES) or "colour" (the order of OBJECT_COLOURS). One owner map serves both kinds."""
+    kinds = SHAPES if attribute == "shape" else tuple(OBJECT_COLOURS)
+    out = np.zeros((len(kinds), *objects.shape[1:]), dtype=np.float32)
+    for item, mask in zip(scene.items, objects, strict=True):
+        out[kinds.index(getattr(item, attribute))] += mask
+    return out
 
 
 def render_shape_masks(scene: Scene, size: int = SIZE) -> np.ndarray:
     """Per shape kind (the order of SHAPES), the fraction of each pixel its objects cover: float32 (4, size, size)."""
-    return _coverage(scene, size, SHAPES, lambda item: item.shape)
+    return masks_by(scene, render_object_masks(scene, size), "shape")
 
 
 def render_colour_masks(scene: Scene, size: int = SIZE) -> np.ndarray:
-    """Per object colour (the order of OBJECT_COLOURS), the fraction of each pixel its objects cover (labels drawn on an
-    object count as the object's): float32 (6, size, size)."""
-    return _coverage(scene, size, tuple(OBJECT_COLOURS), lambda item: item.colour)
+    """Per object colour (the order of OBJECT_COLOURS), the fraction of each pixel its objects cover: float32
+    (6, size, size)."""
+    return masks_by(scene, render_object_masks(scene, size), "colour")

@@ -444,8 +444,9 @@ def train_vae(work: Path, plan: Plan, device, seed: int) -> VAE:
             c = plan.vae_crop
             x0, y0 = rng.randrange(0, scenes.SIZE - c + 1, 8), rng.randrange(0, scenes.SIZE - c + 1, 8)
             imgs.append(scenes.render(scene).crop((x0, y0, x0 + c, y0 + c)))
-            shapes.append(scenes.render_shape_masks(scene)[:, y0:y0 + c, x0:x0 + c])
-            colours.append(scenes.render_colour_masks(scene)[:, y0:y0 + c, x0:x0 + c])
+            objects = scenes.render_object_masks(scene)[:, y0:y0 + c, x0:x0 + c]
+            shapes.append(scenes.masks_by(scene, objects, "shape"))
+            colours.append(scenes.masks_by(scene, objects, "colour"))
         x = images_to_tensor(imgs).to(device)
         mean, logvar = vae.encode(x)
         gen = torch.Generator().manual_seed(step)
