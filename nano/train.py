@@ -7,8 +7,9 @@
 Every stage is seeded and checkpoints itself (safetensors + JSON) every few minutes, so a stopped run
 resumes where it was by running the same command again; finished stages are skipped. Uses CUDA when
 torch sees it, with the GPU plan: more data, batches of 512 and as many steps as each stage's share of
-`--minutes` allows (the step count is fixed after the first steps are timed, and kept on resume). The DiTs
-train with PyTorch's fused attention; on the CPU they and the data set's encoding also run under torch.compile.
+`--minutes` allows (the step count is fixed after the first steps are timed, and kept on resume). The DiTs and
+the VAE train with PyTorch's fused attention; on the CPU the DiTs and the data set's encoding also run under
+torch.compile.
 Writes the shipped weights (fp16 safetensors with `zimage.*` metadata) and a report (`training-report.json`,
 `training-loss.png`).
 
@@ -88,9 +89,9 @@ class Plan:
     decoder_mottle_size: float = 0.6  # how far, at most (normalised latent units; free, orange to yellow was 1.3)
     decoder_crop: int = 64  # px: the decoder learns on windows of whole images' latents (0: whole images)
     decoder_whole_steps: int = 1000  # then on whole images (`finetune_decoder`)
-    base_steps: int = 6000  # 8000 scored 97 % (bar 90); the cosine schedule anneals whatever the length
+    base_steps: int = 5000  # 8000 scored 97 % (bar 90); the cosine schedule anneals whatever the length
     turbo_steps: int = 800
-    edit_steps: int = 3000  # 4000 scored 98 % (bar 85) with colour codes; before them 2000 / 3000 / 4000 gave 47 / 56 / 72 %
+    edit_steps: int = 2500  # 4000 scored 98 % (bar 85) with colour codes; before them 2000 / 3000 / 4000 gave 47 / 56 / 72 %
     batch: int = 32
     lr: float = 5e-4
     zh_share: float = 0.52   # Chinese captions: at least half of training (at 0.55 English trailed by 2.5-7 points)
@@ -925,7 +926,7 @@ def main(argv=None) -> int:
                          "faster on the CPU, after up to a minute of compiling each; auto: on for the CPU plan, off for "
                          "--quick and the GPU plan (not measured there)")
     ap.add_argument("--plan", choices=("auto", "cpu", "gpu"), default="auto",
-                    help="sizes and steps: the CPU plan (fixed steps, about 115 min on 2 cores, compiled) or the GPU plan "
+                    help="sizes and steps: the CPU plan (fixed steps, about 110 min on 2 cores, compiled) or the GPU plan "
                          "(timed by --minutes); auto picks by device")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
