@@ -91,7 +91,7 @@ class Plan:
     decoder_whole_steps: int = 1000  # then on whole images (`finetune_decoder`)
     base_steps: int = 5000  # 8000 scored 97 % (bar 90); the cosine schedule anneals whatever the length
     turbo_steps: int = 800
-    edit_steps: int = 2500  # 4000 scored 98 % (bar 85) with colour codes; before them 2000 / 3000 / 4000 gave 47 / 56 / 72 %
+    edit_steps: int = 4000  # 4000 scored 98 % (bar 85) with colour codes, 2500 75 % (on a 5000-step base); 47 / 56 / 72 % before
     batch: int = 32
     lr: float = 5e-4
     zh_share: float = 0.52   # Chinese captions: at least half of training (at 0.55 English trailed by 2.5-7 points)
