@@ -926,7 +926,7 @@ def main(argv=None) -> int:
                          "faster on the CPU, after up to a minute of compiling each; auto: on for the CPU plan, off for "
                          "--quick and the GPU plan (not measured there)")
     ap.add_argument("--plan", choices=("auto", "cpu", "gpu"), default="auto",
-                    help="sizes and steps: the CPU plan (fixed steps, about 110 min on 2 cores, compiled) or the GPU plan "
+                    help="sizes and steps: the CPU plan (fixed steps, about 130 min on 2 cores, compiled) or the GPU plan "
                          "(timed by --minutes); auto picks by device")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
