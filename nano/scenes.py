@@ -274,7 +274,7 @@ def render_object_masks(scene: Scene, size: int = SIZE) -> np.ndarray:
     for k, item in enumerate(scene.items):
         _draw_shape(draw, item, side, k + 1)
     owner = np.asarray(owner)
-    masks = np.stack([owner == k + 1 for k in range(len(scene.items))]).astype(np.float32).reshape(-1, side, side)
+    masks = (owner == np.arange(1, len(scene.items) + 1)[:, None, None]).astype(np.float32)
     return masks.reshape(-1, size, 2, size, 2).mean(axis=(2, 4))
 
 
