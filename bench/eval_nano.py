@@ -9,8 +9,8 @@ Loads the shipped weights through the Z-Image Checkpoint Loader and samples with
   res_multistep, counted), cfg 1. Accuracy = attributes right (colour of the named shape, its count, its
   position) / attributes asked, in percent. `zh_en_gap` is the larger of the two models' |zh - en|.
 - 100 edits (recolour / move / delete, half Chinese) with nano-edit at 20 steps, cfg 4 (`--edit-cfg`): an edit is right
-  when the named attribute changed and the mean pixel change outside the edited object is below
-  `detector.EDIT_OUTSIDE_THRESHOLD`.
+  when the named attribute changed, every other object is still read in its place with its shape and colour, and
+  the mean pixel change outside the edited object is below `detector.EDIT_OUTSIDE_THRESHOLD`.
 The last line is the JSON of the figures. `--quick` scores 20 prompts and 10 edits.
 """
 from __future__ import annotations

@@ -140,5 +140,10 @@ def score_edit(pair: EditPair, before_image, after_image) -> dict[str, object]:
         cx, cy = int(x * side), int(y * side)
         outside[max(0, cy - half):cy + half, max(0, cx - half):cx + half] = False
     change = float(np.abs(a - b).mean(-1)[outside].mean()) if outside.any() else 0.0
-    return {"changed": changed, "outside_change": change, "ok": changed and change < EDIT_OUTSIDE_THRESHOLD}
+    # every object the instruction does not name is still read, same shape and colour, in its slot: a recoloured
+    # neighbour moves the mean pixel change outside the edited object by only about 0.015, under the threshold
+    others_kept = all(any(slot_of(b.x, b.y) == slot_of(o.x, o.y) for b in reading.matching(o.shape, o.colour))
+                      for o in pair.before.items if o != t)
+    return {"changed": changed, "outside_change": change, "others_kept": others_kept,
+            "ok": changed and others_kept and change < EDIT_OUTSIDE_THRESHOLD}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -77,6 +78,14 @@ def test_edits_scored_right_only_when_the_named_thing_changed_and_nothing_else()
     noisy = np.asarray(scenes.render(pair.after), dtype=np.int16) + np.random.default_rng(0).integers(-40, 40, (128, 128, 3))
     result = detector.score_edit(pair, scenes.render(pair.before), Image.fromarray(noisy.clip(0, 255).astype(np.uint8)))
     assert result["outside_change"] > detector.EDIT_OUTSIDE_THRESHOLD and not result["ok"]
+    # the named object edited right, but a neighbour recoloured too: wrong, though the pixels outside barely moved
+    pair = next(p for p in iter(lambda: scenes.random_edit_pair(rng), None) if p.kind == "recolour"
+                and any(o.colour != p.new_colour for o in p.before.items if o != p.target))
+    other = next(o for o in pair.before.items if o != pair.target and o.colour != pair.new_colour)
+    spoilt = replace(pair.after, items=tuple(replace(o, colour=pair.new_colour) if o == other else o for o in pair.after.items))
+    result = detector.score_edit(pair, scenes.render(pair.before), scenes.render(spoilt))
+    assert result["changed"] and result["outside_change"] < detector.EDIT_OUTSIDE_THRESHOLD
+    assert not result["others_kept"] and not result["ok"]
 
 
 def test_captions_name_the_attributes_in_both_languages():
