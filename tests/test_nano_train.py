@@ -61,6 +61,8 @@ def test_quick_training_writes_a_loadable_family_and_resumes(tmp_path):
     te = out / "text_encoders" / "nano_qwen3.safetensors"
     assert infer_qwen3_config(shapes(te), te.name)["hidden_size"] == 32
     assert infer_vae_config(shapes(out / "vae" / "nano_ae.safetensors"), "vae")["z_channels"] == 16
+    kinds = load_file(str(work / "data.safetensors"))["edit_kind"]  # the edit stage draws moves by their kind
+    assert kinds.shape == (24,) and set(kinds.tolist()) <= {0, 1, 2}
     first = digest(out)
     # A second run finds every stage finished in its checkpoints, resumes, and re-exports the same weights.
     again = train(out, work)
@@ -261,6 +263,27 @@ def test_batches_keep_one_width_and_padding_a_caption_further_changes_nothing():
         outs = [dit(x, sigma, encode_text(te, i), i.shape[1], cap_lengths=torch.tensor([n])) for i in (short, padded)]
     assert outs[0].abs().mean() > 0
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_edit_batches_draw_moves_at_their_share():
+    from nano.train import EDIT_KINDS, Batches, Plan, edit_sample_weights
+
+    kinds = torch.tensor([0, 1, 2, 2, 0, 2, 0, 0, 2, 1] * 20, dtype=torch.uint8)  # moves: 20 % of the pairs
+    ids, lens = torch.zeros(200, 8, dtype=torch.int32), torch.full((200,), 8, dtype=torch.int32)
+    data = {"edit_kind": kinds, "edit_zh.ids": ids, "edit_zh.len": lens, "edit_en.ids": ids, "edit_en.len": lens,
+            "empty.ids": ids[:1], "empty.len": lens[:1]}
+    weights = edit_sample_weights(data, 0.45)
+    assert weights.sum() == pytest.approx(1.0)
+    plan = Plan(drop_caption=0.0)
+    drawn = torch.cat([Batches(data, "edit_", plan, weights).pick(step, 7, 32)[0] for step in range(200)])
+    share = (kinds[drawn] == EDIT_KINDS.index("move")).float().mean().item()
+    assert 0.40 < share < 0.50
+    plain = torch.cat([Batches(data, "edit_", plan).pick(step, 7, 32)[0] for step in range(200)])
+    assert 0.15 < (kinds[plain] == 1).float().mean().item() < 0.25
+    assert edit_sample_weights(data, 0.0) is None
+    del data["edit_kind"]  # a data set built before kinds were recorded: a clear refusal, not a silent plain draw
+    with pytest.raises(ValueError, match="records no edit kinds"):
+        edit_sample_weights(data, 0.45)
 
 
 def test_make_dit_is_the_same_model_whatever_drew_from_the_global_generator_before():
