@@ -142,6 +142,7 @@ def caption(scene: Scene, lang: str, rng: random.Random | None = None) -> str:
 # Edit pairs: a few different shapes in a 3x3 grid of slots; one instruction changes one of them.
 
 SLOTS = [0.2, 0.5, 0.8]
+EDIT_KINDS = ("recolour", "move", "delete")  # the training data set stores a pair's kind as its index here
 MOVES = {"left": (0, None), "right": (2, None), "top": (None, 0), "bottom": (None, 2)}
 ZH_MOVE = {"left": "左边", "right": "右边", "top": "上方", "bottom": "下方"}
 
@@ -150,7 +151,7 @@ ZH_MOVE = {"left": "左边", "right": "右边", "top": "上方", "bottom": "下�
 class EditPair:
     before: Scene
     after: Scene
-    kind: str          # recolour | move | delete
+    kind: str          # one of EDIT_KINDS
     target: Item       # the object as it was
     new_colour: str = ""
     direction: str = ""
@@ -167,7 +168,7 @@ def random_edit_pair(rng: random.Random) -> EditPair:
                       EDIT_RADIUS * rng.uniform(0.9, 1.1)) for s, c, (i, j) in zip(shapes, colours, slots, strict=True)]
         k = rng.randrange(n)
         target, (ti, tj) = items[k], slots[k]
-        kind = rng.choice(("recolour", "move", "delete"))
+        kind = rng.choice(EDIT_KINDS)
         before = Scene(background, tuple(items))
         if kind == "recolour":
             new = rng.choice([c for c in OBJECT_COLOURS if c not in (background, target.colour)])

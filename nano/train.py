@@ -622,7 +622,7 @@ def build_dataset(work: Path, plan: Plan, vae: VAE, device, seed: int, compile_e
     edit_zh, edit_en, edit_kind, before, after = [], [], [], Encoded(), Encoded()
     for _ in range(plan.edit_pairs):
         pair = scenes.random_edit_pair(rng)
-        edit_kind.append(EDIT_KINDS.index(pair.kind))
+        edit_kind.append(scenes.EDIT_KINDS.index(pair.kind))
         before.add(scenes.render(pair.before))
         after.add(scenes.render(pair.after))
         edit_zh.append(scenes.edit_instruction(pair, "zh", rng))
@@ -671,9 +671,6 @@ def schedule(steps: int) -> torch.Tensor:
     t = torch.linspace(1.0, 0.0, steps + 1)[:-1]
     s = SAMPLING_SHIFT * t / (1 + (SAMPLING_SHIFT - 1) * t)
     return torch.cat([s, torch.zeros(1)])
-
-
-EDIT_KINDS = ("recolour", "move", "delete")  # `edit_kind` in the data set: the index of the pair's kind
 
 
 class Batches:
@@ -819,7 +816,7 @@ def edit_sample_weights(data: dict, move_share: float) -> np.ndarray | None:
         return None
     if "edit_kind" not in data:
         raise ValueError("this data set records no edit kinds (built by an older recipe): rebuild it, or set edit_move_share 0")
-    move = data["edit_kind"].cpu().numpy() == EDIT_KINDS.index("move")
+    move = data["edit_kind"].cpu().numpy() == scenes.EDIT_KINDS.index("move")
     if not move.any() or move.all():
         return None
     return np.where(move, move_share / move.sum(), (1 - move_share) / (~move).sum())

@@ -266,7 +266,8 @@ def test_batches_keep_one_width_and_padding_a_caption_further_changes_nothing():
 
 
 def test_edit_batches_draw_moves_at_their_share():
-    from nano.train import EDIT_KINDS, Batches, Plan, edit_sample_weights
+    from nano.scenes import EDIT_KINDS
+    from nano.train import Batches, Plan, edit_sample_weights
 
     kinds = torch.tensor([0, 1, 2, 2, 0, 2, 0, 0, 2, 1] * 20, dtype=torch.uint8)  # moves: 20 % of the pairs
     ids, lens = torch.zeros(200, 8, dtype=torch.int32), torch.full((200,), 8, dtype=torch.int32)
@@ -276,10 +277,11 @@ def test_edit_batches_draw_moves_at_their_share():
     assert weights.sum() == pytest.approx(1.0)
     plan = Plan(drop_caption=0.0)
     drawn = torch.cat([Batches(data, "edit_", plan, weights).pick(step, 7, 32)[0] for step in range(200)])
-    share = (kinds[drawn] == EDIT_KINDS.index("move")).float().mean().item()
+    move = EDIT_KINDS.index("move")
+    share = (kinds[drawn] == move).float().mean().item()
     assert 0.40 < share < 0.50
     plain = torch.cat([Batches(data, "edit_", plan).pick(step, 7, 32)[0] for step in range(200)])
-    assert 0.15 < (kinds[plain] == 1).float().mean().item() < 0.25
+    assert 0.15 < (kinds[plain] == move).float().mean().item() < 0.25
     assert edit_sample_weights(data, 0.0) is None
     del data["edit_kind"]  # a data set built before kinds were recorded: a clear refusal, not a silent plain draw
     with pytest.raises(ValueError, match="records no edit kinds"):
