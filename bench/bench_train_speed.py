@@ -54,7 +54,8 @@ def small_data_set(n_scenes: int, n_pairs: int) -> tuple[dict, nt.VAE]:
     data = {"latents": encode([scenes.render(s) for s in group]),
             "edit_before": encode([scenes.render(p.before) for p in pairs]),
             "edit_after": encode([scenes.render(p.after) for p in pairs]),
-            "edit_kind": torch.tensor([scenes.EDIT_KINDS.index(p.kind) for p in pairs], dtype=torch.uint8)}
+            "edit_kind": torch.tensor([scenes.EDIT_KINDS.index(p.kind) for p in pairs], dtype=torch.uint8),
+            "edit_objects": torch.tensor([len(p.before.items) for p in pairs], dtype=torch.uint8)}
     texts = {"zh": [scenes.caption(s, "zh", rng) for s in group], "en": [scenes.caption(s, "en", rng) for s in group],
              "edit_zh": [scenes.edit_instruction(p, "zh", rng) for p in pairs],
              "edit_en": [scenes.edit_instruction(p, "en", rng) for p in pairs], "empty": [""]}

@@ -61,8 +61,9 @@ def test_quick_training_writes_a_loadable_family_and_resumes(tmp_path):
     te = out / "text_encoders" / "nano_qwen3.safetensors"
     assert infer_qwen3_config(shapes(te), te.name)["hidden_size"] == 32
     assert infer_vae_config(shapes(out / "vae" / "nano_ae.safetensors"), "vae")["z_channels"] == 16
-    kinds = load_file(str(work / "data.safetensors"))["edit_kind"]  # the edit stage draws moves by their kind
-    assert kinds.shape == (24,) and set(kinds.tolist()) <= {0, 1, 2}
+    data = load_file(str(work / "data.safetensors"))  # the edit stage draws its pairs by kind and object count
+    assert data["edit_kind"].shape == (24,) and set(data["edit_kind"].tolist()) <= {0, 1, 2}
+    assert data["edit_objects"].shape == (24,) and set(data["edit_objects"].tolist()) <= {1, 2, 3}
     first = digest(out)
     # A second run finds every stage finished in its checkpoints, resumes, and re-exports the same weights.
     again = train(out, work)
@@ -209,6 +210,12 @@ def test_edit_region_weights_put_the_focus_on_what_the_edit_changed():
     assert w[0, 0, 4:7, 4:7].min() > w[0, 0, 0, 0] * 8  # the changed block and its neighbours weigh 9x the rest
     assert torch.allclose(w[1], torch.ones(1, 16, 16))  # nothing changed enough: the plain loss
 
+    before[0, 7, 12, 12] = after[0, 7, 12, 12] = 3.0 / LATENT_SCALE  # a neighbour the edit leaves alone
+    alone, kept = edit_region_weights(before, after, 8.0), edit_region_weights(before, after, 8.0, objects=True)
+    assert alone[0, 0, 12, 12] == alone[0, 0, 0, 0]  # the edit's focus only: the neighbour weighs as the background
+    assert kept[0, 0, 11:14, 11:14].min() > kept[0, 0, 0, 0] * 8  # with `objects`, as much as the edit
+    assert torch.isclose(kept[0, 0, 5, 5], kept[0, 0, 12, 12]) and torch.allclose(kept.mean(dim=(1, 2, 3)), torch.ones(2))
+
 
 def test_edge_weights_weigh_up_only_the_outlines():
     from nano.scenes import Item, Scene, render
@@ -265,27 +272,36 @@ def test_batches_keep_one_width_and_padding_a_caption_further_changes_nothing():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 
-def test_edit_batches_draw_moves_at_their_share():
+def test_edit_batches_draw_moves_and_lone_objects_at_their_shares():
     from nano.scenes import EDIT_KINDS
     from nano.train import Batches, Plan, edit_sample_weights
 
     kinds = torch.tensor([0, 1, 2, 2, 0, 2, 0, 0, 2, 1] * 20, dtype=torch.uint8)  # moves: 20 % of the pairs
+    objects = torch.tensor(([1, 2, 3] * 67)[:200], dtype=torch.uint8)  # one object alone: a third
     ids, lens = torch.zeros(200, 8, dtype=torch.int32), torch.full((200,), 8, dtype=torch.int32)
-    data = {"edit_kind": kinds, "edit_zh.ids": ids, "edit_zh.len": lens, "edit_en.ids": ids, "edit_en.len": lens,
-            "empty.ids": ids[:1], "empty.len": lens[:1]}
-    weights = edit_sample_weights(data, 0.45)
-    assert weights.sum() == pytest.approx(1.0)
-    plan = Plan(drop_caption=0.0)
-    drawn = torch.cat([Batches(data, "edit_", plan, weights).pick(step, 7, 32)[0] for step in range(200)])
-    move = EDIT_KINDS.index("move")
-    share = (kinds[drawn] == move).float().mean().item()
-    assert 0.40 < share < 0.50
-    plain = torch.cat([Batches(data, "edit_", plan).pick(step, 7, 32)[0] for step in range(200)])
+    data = {"edit_kind": kinds, "edit_objects": objects, "edit_zh.ids": ids, "edit_zh.len": lens, "edit_en.ids": ids,
+            "edit_en.len": lens, "empty.ids": ids[:1], "empty.len": lens[:1]}
+    plan, move = Plan(drop_caption=0.0), EDIT_KINDS.index("move")
+
+    def drawn(weights):
+        return torch.cat([Batches(data, "edit_", plan, weights).pick(step, 7, 32)[0] for step in range(200)])
+
+    moves = drawn(edit_sample_weights(data, 0.45))
+    assert 0.40 < (kinds[moves] == move).float().mean().item() < 0.50
+    assert 0.28 < (objects[moves] == 1).float().mean().item() < 0.39  # the lone share left as drawn
+    lone = drawn(edit_sample_weights(data, 0.0, 0.1))
+    assert 0.07 < (objects[lone] == 1).float().mean().item() < 0.13
+    assert 0.15 < (kinds[lone] == move).float().mean().item() < 0.25  # moves left as drawn
+    both = edit_sample_weights(data, 0.45, 0.1)
+    assert both.sum() == pytest.approx(1.0)
+    assert both[(kinds == move).numpy()].sum() == pytest.approx(0.45, abs=0.02)
+    assert both[(objects == 1).numpy()].sum() == pytest.approx(0.1, abs=0.02)
+    plain = drawn(None)
     assert 0.15 < (kinds[plain] == move).float().mean().item() < 0.25
-    assert edit_sample_weights(data, 0.0) is None
-    del data["edit_kind"]  # a data set built before kinds were recorded: a clear refusal, not a silent plain draw
-    with pytest.raises(ValueError, match="records no edit kinds"):
-        edit_sample_weights(data, 0.45)
+    assert edit_sample_weights(data, 0.0, 0.0) is None
+    del data["edit_objects"]  # a data set built before counts were recorded: a clear refusal, not a silent plain draw
+    with pytest.raises(ValueError, match="records no edit_objects"):
+        edit_sample_weights(data, 0.0, 0.1)
 
 
 def test_make_dit_is_the_same_model_whatever_drew_from_the_global_generator_before():
