@@ -684,9 +684,8 @@ class Batches:
     """Caption batches whose lengths round up to the same multiple of 32, so per-sample padding equals inference's.
     Gathered with whole-table indexing: a per-sample loop cost a GPU step of batch 512 a third of its time."""
 
-    def __init__(self, data: dict, prefix: str, plan: Plan, weights: np.ndarray | None = None):
-        self.plan = plan
-        self.p = None if weights is None else weights / weights.sum()  # how often each sample is drawn (None: evenly)
+    def __init__(self, data: dict, prefix: str, plan: Plan, p: np.ndarray | None = None):
+        self.plan, self.p = plan, p  # p: each sample's probability of being drawn (None: evenly)
         self.n = data[f"{prefix}zh.ids"].shape[0]
         tables = [data[f"{prefix}zh.ids"], data[f"{prefix}en.ids"], data["empty.ids"]]
         width = max(t.shape[1] for t in tables)
@@ -813,20 +812,20 @@ def edit_region_weights(before: torch.Tensor, after: torch.Tensor, focus: float,
     the edit touches a twentieth of the latent, so in the plain loss copying the rest drowned out the edit.
     `objects`: the focus also covers the objects the edit leaves alone (wherever the input differs from its
     background, the per-channel median), so recolouring or moving a neighbour too costs as much as missing the edit."""
-    diff = (after.float() - before.float()).abs().amax(dim=1, keepdim=True) * LATENT_SCALE
-    region = diff > EDIT_CHANGE_THRESHOLD
+    before = before.float()
+    region = (after.float() - before).abs().amax(dim=1, keepdim=True) * LATENT_SCALE > EDIT_CHANGE_THRESHOLD
     if objects:
-        background = before.float().flatten(2).median(dim=2).values[:, :, None, None]
-        region |= (before.float() - background).abs().amax(dim=1, keepdim=True) * LATENT_SCALE > EDIT_CHANGE_THRESHOLD
+        background = before.flatten(2).median(dim=2).values[:, :, None, None]
+        region |= (before - background).abs().amax(dim=1, keepdim=True) * LATENT_SCALE > EDIT_CHANGE_THRESHOLD
     changed = torch.nn.functional.max_pool2d(region.float(), 3, stride=1, padding=1)
     w = 1.0 + focus * changed
     return w / w.mean(dim=(1, 2, 3), keepdim=True)
 
 
 def edit_sample_weights(data: dict, move_share: float, lone_share: float = 0.0) -> np.ndarray | None:
-    """Per edit pair, how often to draw it so that moves make up `move_share` of the samples and pairs of one object
-    alone `lone_share` (each 0: as drawn; the two are about independent in the data set); None: evenly."""
-    w = np.ones(data["edit_zh.ids"].shape[0])
+    """Per edit pair, its probability of being drawn, so that moves make up `move_share` of the samples and pairs of
+    one object alone `lone_share` (each 0: as drawn; the two are about independent in the data set); None: evenly."""
+    w, applied = np.ones(data["edit_zh.ids"].shape[0]), False
     for key, pick, share in (("edit_kind", lambda v: v == scenes.EDIT_KINDS.index("move"), move_share),
                              ("edit_objects", lambda v: v == 1, lone_share)):
         if share <= 0:
@@ -837,7 +836,8 @@ def edit_sample_weights(data: dict, move_share: float, lone_share: float = 0.0) 
         chosen = pick(data[key].cpu().numpy())
         if chosen.any() and not chosen.all():
             w *= np.where(chosen, share / chosen.sum(), (1 - share) / (~chosen).sum())
-    return None if (w == 1).all() else w / w.sum()
+            applied = True
+    return w / w.sum() if applied else None
 
 
 def train_edit(work, plan, data, te, base, device, seed, compile_dit=False):

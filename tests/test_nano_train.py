@@ -283,8 +283,8 @@ def test_edit_batches_draw_moves_and_lone_objects_at_their_shares():
             "edit_en.len": lens, "empty.ids": ids[:1], "empty.len": lens[:1]}
     plan, move = Plan(drop_caption=0.0), EDIT_KINDS.index("move")
 
-    def drawn(weights):
-        return torch.cat([Batches(data, "edit_", plan, weights).pick(step, 7, 32)[0] for step in range(200)])
+    def drawn(p):
+        return torch.cat([Batches(data, "edit_", plan, p).pick(step, 7, 32)[0] for step in range(200)])
 
     moves = drawn(edit_sample_weights(data, 0.45))
     assert 0.40 < (kinds[moves] == move).float().mean().item() < 0.50
