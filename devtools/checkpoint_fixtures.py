@@ -55,7 +55,7 @@ def randomize(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 def tiny_dit(seed=0, **overrides) -> dict[str, torch.Tensor]:
     sd = randomize(NextDiT(**{**TINY_DIT, **overrides}, operations=comfy.ops.disable_weight_init), seed)
-    del sd["norm_final.weight"]  # unused by NextDiT.forward and absent from the released files
+    sd.pop("norm_final.weight", None)  # built by older NextDiT, never used, absent from the released files
     return sd
 
 
@@ -95,17 +95,51 @@ def cast(sd: dict, dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def scaled_fp8(sd: dict) -> dict:
-    """ComfyUI's scaled-fp8 layout: fp8 Linear weights with a per-tensor `scale_weight` and a `scaled_fp8` marker."""
+def quantizable(key: str, v: torch.Tensor) -> bool:
+    """A Linear weight the fp8 formats store in fp8 (embedding and timestep-embedder layers stay high precision)."""
+    return key.endswith(".weight") and v.ndim == 2 and "embed" not in key
+
+
+def fp8_with_scale(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor absmax scaling into float8_e4m3fn, as ComfyUI's QUANTIZATION.md describes it."""
+    scale = (v.abs().max().clamp(min=1e-8) / 448.0).float()
+    return (v / scale).to(torch.float8_e4m3fn), scale.reshape(())
+
+
+def scaled_fp8(sd: dict, scale_input: bool = False) -> dict:
+    """ComfyUI's old scaled-fp8 layout: fp8 Linear weights with a per-tensor `scale_weight` (and, with
+    scale_input, the `scale_input` of 1 that conversion tools write when they did not calibrate inputs) and a
+    `scaled_fp8` marker tensor."""
     out = {}
     for k, v in sd.items():
-        if k.endswith(".weight") and v.ndim == 2 and "embed" not in k:
-            scale = v.abs().max().clamp(min=1e-8) / 448.0
-            out[k] = (v / scale).to(torch.float8_e4m3fn)
-            out[k[:-len("weight")] + "scale_weight"] = scale.reshape(()).float()
+        if quantizable(k, v):
+            layer = k[:-len(".weight")]
+            out[k], out[layer + ".scale_weight"] = fp8_with_scale(v)
+            if scale_input:
+                out[layer + ".scale_input"] = torch.ones((), dtype=torch.float32)
         else:
             out[k] = v.to(torch.bfloat16)
     out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def comfy_quant(config: dict) -> torch.Tensor:
+    """A layer's `comfy_quant` tensor: its JSON quantisation config as uint8 bytes (ComfyUI's convert_old_quants)."""
+    return torch.tensor(list(json.dumps(config).encode("utf-8")), dtype=torch.uint8)
+
+
+def mixed_precision_fp8(sd: dict, keep=()) -> dict:
+    """Newer ComfyUI's mixed-precision layout: each quantised Linear holds its fp8 `weight`, a float32 `weight_scale`
+    and a `comfy_quant` config ({"format": "float8_e4m3fn"}); layers whose name contains a `keep` word, and every
+    other tensor, stay bf16."""
+    out = {}
+    for k, v in sd.items():
+        if quantizable(k, v) and not any(word in k for word in keep):
+            layer = k[:-len(".weight")]
+            out[k], out[layer + ".weight_scale"] = fp8_with_scale(v)
+            out[layer + ".comfy_quant"] = comfy_quant({"format": "float8_e4m3fn"})
+        else:
+            out[k] = v.to(torch.bfloat16)
     return out
 
 
@@ -181,7 +215,17 @@ def write_all(out: Path) -> dict[str, str]:
                         {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 and "embed" not in k else v.to(torch.bfloat16))
                          for k, v in dit.items()}),
         "dit_scaled_fp8": save(out / "diffusion_models/tiny-zimage-turbo_fp8_scaled.safetensors", scaled_fp8(dit)),
+        "dit_mixed_fp8": save(out / "diffusion_models/tiny-zimage-turbo_mixed_fp8.safetensors",
+                              mixed_precision_fp8(dit, keep=("adaLN_modulation", "final_layer"))),
         "te_bf16": save(out / "text_encoders/tiny-qwen3_bf16.safetensors", bf16_te),
+        "te_fp16": save(out / "text_encoders/tiny-qwen3_fp16.safetensors", cast(te, torch.float16)),
+        "te_fp32": save(out / "text_encoders/tiny-qwen3_fp32.safetensors", te),
+        "te_fp8": save(out / "text_encoders/tiny-qwen3_fp8_e4m3fn.safetensors",
+                       {k: v.to(torch.float8_e4m3fn) if quantizable(k, v) else v.to(torch.bfloat16)
+                        for k, v in te.items()}),
+        "te_scaled_fp8": save(out / "text_encoders/tiny-qwen3_fp8_scaled.safetensors", scaled_fp8(te, scale_input=True)),
+        "te_mixed_fp8": save(out / "text_encoders/tiny-qwen3_mixed_fp8.safetensors",
+                             mixed_precision_fp8(te, keep=("o_proj",))),
         "vae": save(out / "vae/tiny-ae.safetensors", vae),
         "aio": save(out / "checkpoints/tiny-zimage-turbo-aio.safetensors",
                     {**{"model.diffusion_model." + k: v for k, v in bf16_dit.items()},

@@ -41,6 +41,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from . import scenes  # noqa: E402
 
 import_plugin()
+from comfyui_zimage.nodes.checkpoint_format import APPENDED_REFERENCES, REFERENCE_LAYOUT_KEY  # noqa: E402
+from comfyui_zimage.nodes.compat import make_llama_blocks_trainable, training_mode  # noqa: E402
 from comfyui_zimage.nodes.edit import NextDiTWithReference  # noqa: E402
 from comfyui_zimage.nodes.loader import qwen3_model_class  # noqa: E402
 
@@ -177,6 +179,7 @@ class VAE(torch.nn.Module):
 def make_text_encoder(seed: int, used_tokens: list[int]):
     te = qwen3_model_class(TE_CONFIG)(config_dict={}, dtype=torch.float32, device=None, operations=OPS)
     init_weights(te, seed)
+    make_llama_blocks_trainable(te)
     with torch.no_grad():  # only the rows our captions use are non-zero: unused rows stay zero (small in git)
         table = te.model.embed_tokens.weight
         rows = table[used_tokens].clone()
@@ -287,7 +290,8 @@ class Stage:
                     self.fix_steps((time.perf_counter() - timer[0]) / self.TIMED, step)
             for g in self.optimizer.param_groups:
                 g["lr"] = self.learning_rate(step) * g.get("lr_scale", 1.0)
-            loss = step_fn(step)
+            with training_mode():
+                loss = step_fn(step)
             if ema is not None:
                 ema.update(step)
             window.append(loss)
@@ -901,7 +905,8 @@ def export(out: Path, te, vae, dits: dict, report: dict) -> list[Path]:
         sd.pop("norm_final.weight", None)  # unused by NextDiT, absent from the released files
         (out / "diffusion_models").mkdir(parents=True, exist_ok=True)
         path = out / "diffusion_models" / f"nano_zimage_{variant}.safetensors"
-        save_file(sd, str(path), metadata={**common, **dit_meta, "zimage.variant": variant})
+        layout = {REFERENCE_LAYOUT_KEY: APPENDED_REFERENCES} if variant == "edit" else {}
+        save_file(sd, str(path), metadata={**common, **dit_meta, **layout, "zimage.variant": variant})
         written.append(path)
     return written
 

@@ -112,10 +112,29 @@ def strip_prefix(shapes: dict, prefix: str) -> dict:
 
 
 DIT_MARKER = "cap_embedder.1.weight"
+# Z-Image Omni/Edit files carry SigLIP image features' embedder; core's NextDiT runs them where it can.
+OMNI_MARKER = "siglip_embedder.1.weight"
+# Edit files in the nano-edit layout (references after the image, no per-reference captions) say so here.
+REFERENCE_LAYOUT_KEY = "zimage.reference_layout"
+APPENDED_REFERENCES = "appended"
 DIFFUSERS_DIT_MARKER = "all_x_embedder.2-1.weight"
 TEXT_ENCODER_MARKER = "model.layers.0.self_attn.q_norm.weight"
 VAE_MARKER = "decoder.conv_in.weight"
 DIFFUSERS_VAE_MARKER = "decoder.up_blocks.0.resnets.0.norm1.weight"
+
+
+# Quantised layouts ComfyUI writes: old "scaled fp8" (a `scaled_fp8` marker tensor, fp8 weights and per-layer
+# `scale_weight` / `scale_input`) and newer mixed precision (per-layer `comfy_quant` tensors holding a JSON config,
+# beside `weight_scale`, `input_scale`, ...; or the same per-layer configs in the header's `_quantization_metadata`).
+SCALED_FP8_MARKER = "scaled_fp8"
+COMFY_QUANT_SUFFIX = ".comfy_quant"
+QUANTIZATION_METADATA = "_quantization_metadata"
+
+
+def is_quantized(keys, metadata: dict) -> bool:
+    """Whether a part (keys without its prefix) is in one of ComfyUI's quantised layouts, whose scales must be read."""
+    return (QUANTIZATION_METADATA in metadata
+            or any(k == SCALED_FP8_MARKER or k.endswith(COMFY_QUANT_SUFFIX) for k in keys))
 
 
 def describe_foreign_layout(keys) -> str:
@@ -213,7 +232,18 @@ def infer_dit_config(shapes: dict[str, tuple], name: str, metadata: dict | None 
         "z_image_modulation": True,
         "time_scale": float(extra.get("time_scale", 1000.0)),
         "pad_tokens_multiple": 32 if "cap_pad_token" in shapes else None,
+        **({"siglip_feat_dim": shapes[OMNI_MARKER][1]} if OMNI_MARKER in shapes else {}),
     }
+
+
+def reference_layout(variant: str, shapes, metadata: dict) -> str | None:
+    """How an edit model takes its input image: "omni" (core's Z-Image Omni layout, SigLIP features and
+    references before the image), "appended" (the nano-edit layout), or None for a text-to-image model."""
+    if OMNI_MARKER in shapes:
+        return "omni"
+    if metadata.get(REFERENCE_LAYOUT_KEY) == APPENDED_REFERENCES or variant == "edit":
+        return APPENDED_REFERENCES
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,17 +1,22 @@
-"""Reference-image (edit) support for Z-Image on ComfyUI 0.3.75, which runs NextDiT without it.
+"""Reference-image (edit) support for Z-Image models in the nano-edit layout, on every supported ComfyUI.
 
 The input image enters the model as reference latent tokens appended after the image tokens, with their
-own RoPE offset on the first axis (image k of a prompt sits at caption_length + 1 + k), as Z-Image's
-omni/edit models do. The reference tokens take the modulation of the clean timestep (sigma 0) whatever the
-noise level, so the model reads them as the finished picture they are. The references come from core's
-`ReferenceLatent` node: `ZImageEditModel.extra_conds` hands them to the diffusion model, exactly as core does
-for Flux Kontext.
+own RoPE offset on the first axis (image k of a prompt sits at caption_length + 1 + k). The reference tokens
+take the modulation of the clean timestep (sigma 0) whatever the noise level, so the model reads them as the
+finished picture they are. The references come from core's `ReferenceLatent` node.
 
-Without references `NextDiTWithReference` computes exactly what core's NextDiT computes (a test checks
-it), so the training script uses it for every nano variant; `cap_lengths` lets a training batch hold
-captions of different lengths, each padded with the learned pad token as inference pads it.
+Core's NextDiT in newer ComfyUI runs Z-Image Omni/Edit itself, in another layout (references *before* the
+image, each with its own caption segment, plus SigLIP features); files in that layout go to core's model
+(see the loader). Files in this layout say so in their metadata (`zimage.reference_layout`).
+
+Without references `NextDiTWithReference` is core's NextDiT (it calls core's forward), so the training script
+uses it for every nano variant; `cap_lengths` lets a training batch hold captions of different lengths, each
+padded with the learned pad token as inference pads it. Core's `noise_refiner` / `double_block` patches (its
+Z-Image ControlNet) run in this forward at the same points as in core's.
 """
 from __future__ import annotations
+
+import math
 
 import comfy.conds
 import comfy.ldm.common_dit
@@ -57,8 +62,8 @@ class NextDiTWithReference(NextDiT):
         return pos
 
     def embed_with_references(self, x, cap_feats, cap_mask, t, t_ref, refs, transformer_options):
-        """patchify_and_embed for an image plus reference latents; returns the joint sequence, its RoPE and where the
-        references begin in it."""
+        """patchify_and_embed for an image plus reference latents (none: the plain layout); returns the joint
+        sequence, its RoPE, the caption length and where the references begin."""
         device = x.device
         cap_feats = _pad_tokens(cap_feats, self.cap_pad_token, self.pad_tokens_multiple)
         bsz, cap_len = cap_feats.shape[:2]
@@ -74,9 +79,17 @@ class NextDiTWithReference(NextDiT):
         for layer in self.context_refiner:
             cap_feats = layer(cap_feats, cap_mask, freqs_cis[:, :cap_len], transformer_options=transformer_options)
         image = torch.cat(pieces, dim=1)
-        for layer in self.noise_refiner:
-            image = _reference_block(layer, image, freqs_cis[:, cap_len:], t, t_ref, pieces[0].shape[1], transformer_options)
-        return torch.cat((cap_feats, image), dim=1), freqs_cis, cap_len, cap_len + pieces[0].shape[1]
+        split = pieces[0].shape[1]
+        image_input, image_freqs = image, freqs_cis[:, cap_len:]
+        patches = transformer_options.get("patches", {})
+        for i, layer in enumerate(self.noise_refiner):
+            image = _reference_block(layer, image, image_freqs, t, t_ref, split, transformer_options)
+            for patch in patches.get("noise_refiner", []):
+                out = patch({"img": image, "img_input": image_input, "txt": cap_feats, "pe": image_freqs, "vec": t,
+                             "x": x, "block_index": i, "transformer_options": transformer_options,
+                             "block_type": "noise_refiner"})
+                image = out.get("img", image)
+        return torch.cat((cap_feats, image), dim=1), freqs_cis, cap_len, cap_len + split
 
     def unpatchify(self, x, img_size, cap_size, return_tensor=False):
         """Core's unpatchify slices sample by sample: at batch 512 that loop was most of a GPU training step. A
@@ -88,44 +101,67 @@ class NextDiTWithReference(NextDiT):
         return (tokens.reshape(x.shape[0], H // p, W // p, p, p, self.out_channels)
                 .permute(0, 5, 1, 3, 2, 4).flatten(4, 5).flatten(2, 3))
 
-    def _forward(self, x, timesteps, context, num_tokens, attention_mask=None, ref_latents=None, cap_lengths=None, **kwargs):
-        transformer_options = kwargs.get("transformer_options", {})
+    def _forward(self, x, timesteps, context, num_tokens, attention_mask=None, ref_latents=None, cap_lengths=None,
+                 transformer_options={}, **kwargs):  # noqa: B006 - core's signature
+        if not ref_latents and cap_lengths is None:
+            return super()._forward(x, timesteps, context, num_tokens, attention_mask,
+                                    transformer_options=transformer_options, **kwargs)
+        refs = list(ref_latents or [])
         bs, c, h, w = x.shape
         x = comfy.ldm.common_dit.pad_to_patch_size(x, (self.patch_size, self.patch_size))
         t = self.t_embedder((1.0 - timesteps) * self.time_scale, dtype=x.dtype)
+        # sigma 0 for the references; without references every token takes t
+        t_ref = self.t_embedder(torch.full_like(timesteps, self.time_scale), dtype=x.dtype) if refs else t
         cap_feats = self.cap_embedder(context)
         if cap_lengths is not None:
             keep = torch.arange(cap_feats.shape[1], device=x.device)[None] < cap_lengths.to(x.device)[:, None]
             cap_feats = torch.where(keep[..., None], cap_feats, self.cap_pad_token.to(cap_feats.dtype))
-        if ref_latents:
-            img_size = [tuple(x.shape[-2:])] * bs  # padded to the patch size
-            t_ref = self.t_embedder(torch.full_like(timesteps, self.time_scale), dtype=x.dtype)  # sigma 0
-            x, freqs_cis, cap_len, split = self.embed_with_references(x, cap_feats, attention_mask, t, t_ref, ref_latents,
-                                                                       transformer_options)
-            cap_size = [cap_len] * bs
-        else:
-            x, _, img_size, cap_size, freqs_cis = self.patchify_and_embed(x, cap_feats, attention_mask, t, num_tokens,
-                                                                            transformer_options=transformer_options)
-        freqs_cis = freqs_cis.to(x.device)
-        for layer in self.layers:
-            if ref_latents:
-                x = _reference_block(layer, x, freqs_cis, t, t_ref, split, transformer_options)
-            else:
-                x = layer(x, None, freqs_cis, t, transformer_options=transformer_options)
-        x = self.final_layer(x, t)
-        x = self.unpatchify(x, img_size, cap_size, return_tensor=True)[:, :, :h, :w]
-        return -x
+        img, freqs_cis, cap_len, split = self.embed_with_references(x, cap_feats, attention_mask, t, t_ref, refs,
+                                                                     transformer_options)
+        freqs_cis = freqs_cis.to(img.device)
+        patches = transformer_options.get("patches", {})
+        transformer_options["total_blocks"] = len(self.layers)
+        transformer_options["block_type"] = "double"
+        img_input = img
+        for i, layer in enumerate(self.layers):
+            transformer_options["block_index"] = i
+            img = _reference_block(layer, img, freqs_cis, t, t_ref, split, transformer_options)
+            for patch in patches.get("double_block", []):
+                out = patch({"img": img[:, cap_len:], "img_input": img_input[:, cap_len:], "txt": img[:, :cap_len],
+                             "pe": freqs_cis[:, cap_len:], "vec": t, "x": x, "block_index": i,
+                             "transformer_options": transformer_options})
+                if "img" in out:
+                    img[:, cap_len:] = out["img"]
+                if "txt" in out:
+                    img[:, :cap_len] = out["txt"]
+        img = self.final_layer(img, t)
+        img = self.unpatchify(img, [tuple(x.shape[-2:])] * bs, [cap_len] * bs, return_tensor=True)[:, :, :h, :w]
+        return -img
 
 
 class ZImageEditModel(comfy.model_base.Lumina2):
-    """Core's Lumina2/Z-Image model, plus reference latents from the conditioning (core `ReferenceLatent`)."""
+    """Core's Lumina2/Z-Image model (its initialisation, conditioning and memory estimate), with the diffusion model
+    taking reference latents in the nano-edit layout from core's `ReferenceLatent` conditioning."""
 
     def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLOW, device=None):
-        comfy.model_base.BaseModel.__init__(self, model_config, model_type, device=device, unet_model=NextDiTWithReference)
+        super().__init__(model_config, model_type, device=device)
+        # The same module and parameters as core's NextDiT, with this layout's forward.
+        self.diffusion_model.__class__ = NextDiTWithReference
+        # Count the reference tokens in the memory estimate (newer core sets this itself).
+        self.memory_usage_factor_conds = ("ref_latents",)
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
         refs = kwargs.get("reference_latents", None)
-        if refs is not None:
+        if refs is not None and "ref_latents" not in out:  # older core does not pass references on
             out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in refs])
+        out.pop("ref_contexts", None)  # this layout has no per-reference captions
+        out.pop("siglip_feats", None)
+        return out
+
+    def extra_conds_shapes(self, **kwargs):
+        out = super().extra_conds_shapes(**kwargs)
+        refs = kwargs.get("reference_latents", None)
+        if refs is not None:
+            out["ref_latents"] = [1, 16, sum(math.prod(r.shape[2:]) for r in refs)]
         return out

@@ -33,6 +33,7 @@ from comfy_api.latest import io
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint_format import (
+    APPENDED_REFERENCES,
     DIFFUSERS_DIT_MARKER,
     DIFFUSERS_VAE_MARKER,
     DIT_MARKER,
@@ -50,7 +51,17 @@ from .checkpoint_format import (
     infer_dit_config,
     infer_qwen3_config,
     infer_vae_config,
+    is_quantized,
     read_header,
+    reference_layout,
+)
+from .compat import (
+    ComboOutput,
+    Quantization,
+    apply_quantization,
+    nextdit_takes_reference_latents,
+    prepare_quantized,
+    quant_formats,
 )
 from .edit import ZImageEditModel
 
@@ -100,10 +111,10 @@ class ZImageCheckpointLoader(io.ComfyNode):
                 io.Int.Output(display_name="steps", tooltip="Recommended steps for this variant."),
                 io.Float.Output(display_name="cfg", tooltip="Recommended CFG for this variant."),
                 io.Float.Output(display_name="shift", tooltip="Recommended ModelSamplingAuraFlow shift."),
-                io.Combo.Output(display_name="sampler", options=comfy.samplers.KSampler.SAMPLERS,
-                                tooltip="Recommended sampler."),
-                io.Combo.Output(display_name="scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
-                                tooltip="Recommended scheduler."),
+                ComboOutput(display_name="sampler", options=comfy.samplers.KSampler.SAMPLERS,
+                            tooltip="Recommended sampler."),
+                ComboOutput(display_name="scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                            tooltip="Recommended scheduler."),
                 io.String.Output(display_name="variant", tooltip="turbo, base or edit, and how it was told."),
             ],
         )
@@ -115,7 +126,7 @@ class ZImageCheckpointLoader(io.ComfyNode):
         pbar = comfy.utils.ProgressBar(sum(p.nbytes for p in (parts.dit, parts.text_encoder, parts.vae)))
         dit = load_diffusion_model(parts.dit, plan.dit_config, WEIGHT_DTYPES[weight_dtype],
                                    COMPUTE_DTYPES[compute_dtype], weight_dtype.endswith("_fast"), pbar,
-                                   reference_images=plan.variant == "edit")
+                                   reference_images=plan.reference_layout == APPENDED_REFERENCES)
         clip = load_text_encoder(parts.text_encoder, plan.text_encoder_config, pbar)
         vae_obj = load_vae(parts.vae, plan.vae_config, pbar)
         dit.model.zimage_variant = plan.variant  # read by the k_gen probe to label its history
@@ -329,6 +340,7 @@ class LoadPlan:
     vae_config: dict
     variant: str
     variant_reason: str
+    reference_layout: str | None  # see checkpoint_format.reference_layout
 
 
 def dit_comfy_shapes(part: Part) -> dict[str, tuple]:
@@ -359,7 +371,12 @@ def plan_load(parts: Parts) -> LoadPlan:
             "for this model (qwen_3_4b.safetensors for real Z-Image; the nano text encoder for nano models).")
     vae_config = infer_vae_config(vae_ldm_shapes(parts.vae), parts.vae.label)
     variant, reason = detect_variant(parts.model_name, parts.dit.metadata, parts.dit.shapes.keys())
-    return LoadPlan(dit_config, te_config, vae_config, variant, reason)
+    layout = reference_layout(variant, dit_comfy_shapes(parts.dit), parts.dit.metadata)
+    if layout == "omni" and not nextdit_takes_reference_latents():
+        raise ZImageFileError(f"{parts.dit.label}: a Z-Image Omni/Edit model (it has SigLIP image-feature weights), which "
+                              "this ComfyUI's NextDiT cannot run. Update ComfyUI (its Z-Image Omni support arrived in "
+                              "2026) and load the file again.")
+    return LoadPlan(dit_config, te_config, vae_config, variant, reason, layout)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,21 +418,60 @@ def read_part(part: Part, wanted: dict[str, torch.dtype | None], pbar=None) -> d
 
 def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], label: str) -> None:
     """Put the file tensors into a module built on `meta`; fail clearly if anything is left unset."""
-    module.load_state_dict(tensors, strict=False, assign=True)
+    for layer in module.modules():
+        # Core's mixed-precision layers move each weight they load (with its scales) to the device they were built
+        # on, which here is `meta`: let them keep the file tensors where they are instead.
+        kwargs = getattr(layer, "factory_kwargs", None)
+        if isinstance(kwargs, dict) and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta":
+            kwargs["device"] = None
+    try:
+        module.load_state_dict(tensors, strict=False, assign=True)
+    except ValueError as e:  # core's quantised layers refuse a layer they cannot build
+        raise ZImageFileError(f"{label}: a quantised layer does not load ({e}); the file is incomplete or damaged. "
+                              "Download it again, or use the bf16 file.") from None
     # Scaled-fp8 layers a file leaves unscaled keep ComfyUI's default scale of 1, as core's loading does;
     # NextDiT's norm_final is never used in its forward pass and the released files do not carry it.
-    defaults = {n: torch.ones(t.shape, dtype=torch.float32) for n, t in module.state_dict(keep_vars=True).items()
-                if t.is_meta and (n.endswith((".scale_weight", ".scale_input")) or n == "norm_final.weight")}
-    if defaults:
-        module.load_state_dict(defaults, strict=False, assign=True)
+    # (Set one by one: a second load_state_dict would make mixed-precision layers drop what they just loaded.)
+    for name, tensor in list(module.named_parameters()):
+        if tensor.is_meta and (name.endswith((".scale_weight", ".scale_input")) or name == "norm_final.weight"):
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr,
+                    torch.nn.Parameter(torch.ones(tensor.shape, dtype=torch.float32), requires_grad=False))
     unset = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    # A mixed-precision layer whose weight is not in the file is left without one.
+    unset += [f"{n}.weight" for n, m in module.named_modules()
+              if hasattr(m, "factory_kwargs") and hasattr(m, "in_features") and getattr(m, "weight", None) is None]
     if unset:
         raise ZImageFileError(f"{label}: the file lacks {len(unset)} tensors the model needs (e.g. {unset[0]}); it is "
                               "incomplete or a different model size than its other tensors imply.")
 
 
 def target_dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
-    return {k: v.dtype for k, v in module.state_dict(keep_vars=True).items()}
+    """The dtype of every parameter and buffer the module holds before loading. (Core's mixed-precision layers hold
+    no weight until they load one, in the dtype its quantisation config gives; their weights are not listed.)"""
+    return {k: v.dtype for k, v in list(module.named_parameters()) + list(module.named_buffers())}
+
+
+def read_quantized(part: Part, pbar) -> tuple[dict[str, torch.Tensor], Quantization | None]:
+    """Every tensor of a part in one of ComfyUI's quantised layouts, as stored and brought into the layout the running
+    ComfyUI loads, and how it loads it. Read before the model is built: its layers depend on the layout."""
+    if part.layout != "comfy":
+        raise ZImageFileError(f"{part.label}: quantised weights in a diffusers folder are not supported; use the "
+                              "ComfyUI-format file (e.g. z_image_turbo_fp8_scaled.safetensors) or the bf16 folder.")
+    sd, quant = prepare_quantized(read_part(part, {k: None for k in part.shapes}, pbar), part.metadata)
+    unknown = quant.formats - quant_formats() if quant is not None and quant.mixed_precision else set()
+    if unknown:
+        raise ZImageFileError(f"{part.label}: its layers are quantised as {', '.join(sorted(map(str, unknown)))}, which "
+                              f"this ComfyUI cannot load (it loads {', '.join(sorted(quant_formats()))}). Update "
+                              "ComfyUI, or use the bf16 or fp8_scaled file.")
+    return sd, quant
+
+
+def cast_to(tensors: dict[str, torch.Tensor], wanted: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """Cast the tensors a module holds in a known dtype to it; quantised weights and their scales stay as stored
+    (core's layers convert them as they load them)."""
+    return {k: v.to(wanted[k]) if k in wanted and v.is_floating_point() and v.dtype != wanted[k] else v
+            for k, v in tensors.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -443,25 +499,24 @@ def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dtype, fp8_fast: bool, pbar,
                          reference_images: bool = False):
     model_config = comfy.supported_models.ZImage(dict(unet_config))
-    shapes_dtypes = part.dtypes
-    if "scaled_fp8" in shapes_dtypes:
-        scaled = next(h for h in part.headers if part.prefix + "scaled_fp8" in h.tensors)
-        info = scaled.tensors[part.prefix + "scaled_fp8"]
-        model_config.scaled_fp8 = torch.float8_e5m2 if info.dtype == "F8_E5M2" else torch.float8_e4m3fn
-        model_config.optimizations["fp8"] = info.shape != (2,)
-    quant = comfy.model_detection.detect_layer_quantization(dict(part.metadata))
-    if quant:
-        model_config.layer_quant_config = quant
+    quantized, quant = None, None
+    if is_quantized(part.shapes, part.metadata):
+        quantized, quant = read_quantized(part, pbar)
+        if quant is not None:
+            apply_quantization(model_config, quant)
 
     load_device = mm.get_torch_device()
     parameters = sum(_numel(s) for s in part.shapes.values())
-    file_dtype = _most_common_torch_dtype(shapes_dtypes)
+    file_dtype = _most_common_torch_dtype(part.dtypes)
     supported = list(model_config.supported_inference_dtypes)
+    # As core's loading: the weight dtype of a quantised file is chosen for the device, not taken from the file, and
+    # mixed-precision layers compute in the dtype chosen for no weight dtype at all.
     if weight_dtype is None:
         weight_dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=supported,
-                                     weight_dtype=None if model_config.scaled_fp8 else file_dtype)
+                                     weight_dtype=None if quant is not None else file_dtype)
     if compute_dtype is None:
-        compute_dtype = mm.unet_manual_cast(None if quant else weight_dtype, load_device, supported)
+        mixed = quant is not None and quant.mixed_precision
+        compute_dtype = mm.unet_manual_cast(None if mixed else weight_dtype, load_device, supported)
     model_config.set_inference_dtype(weight_dtype, compute_dtype)
     if fp8_fast:
         model_config.optimizations["fp8"] = True
@@ -471,7 +526,10 @@ def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dt
     else:
         model = model_config.get_model({}, "", device=torch.device("meta"))
     wanted = target_dtypes(model.diffusion_model)
-    if part.layout == "diffusers":
+    if quantized is not None:
+        tensors = cast_to(quantized, wanted)
+        del quantized
+    elif part.layout == "diffusers":
         raw = read_part(part, {k: None for k in part.shapes}, pbar)
         tensors = {k: v.to(wanted[k]) if k in wanted and v.is_floating_point() else v
                    for k, v in convert_diffusers_dit(raw).items()}
@@ -515,8 +573,10 @@ def qwen3_model_class(config: dict):
     return SizedQwen3
 
 
-def text_encoder_class(config: dict, llama_kwargs: dict):
-    """A ZImageTEModel whose Qwen3 has the file's sizes; identical to core's for the real 4B encoder."""
+def text_encoder_class(config: dict, llama_dtype=None, llama_options: dict | None = None):
+    """A ZImageTEModel whose Qwen3 has the file's sizes; identical to core's for the real 4B encoder. As core's
+    `z_image.te(...)`, it computes in the file's dtype and takes `llama_options` (how core loads a quantised
+    file) into its model options."""
     model_class = qwen3_model_class(config)
 
     class SizedQwen3Model(sd1_clip.SDClipModel):
@@ -528,34 +588,32 @@ def text_encoder_class(config: dict, llama_kwargs: dict):
 
     class SizedZImageTE(z_image.ZImageTEModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):
-            if llama_kwargs.get("dtype_llama") is not None:
-                dtype = llama_kwargs["dtype_llama"]
-            if llama_kwargs.get("llama_scaled_fp8") is not None and "scaled_fp8" not in model_options:
-                model_options = dict(model_options, scaled_fp8=llama_kwargs["llama_scaled_fp8"])
+            if llama_dtype is not None:
+                dtype = llama_dtype
+            if llama_options:
+                model_options = {**model_options, **llama_options}
             sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=dtype, name="qwen3_4b",
                                            clip_model=SizedQwen3Model, model_options=model_options)
     return SizedZImageTE
 
 
 def load_text_encoder(part: Part, config: dict, pbar):
-    shapes_dtypes = part.dtypes
-    llama_kwargs = {}
     names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-    if "model.norm.weight" in shapes_dtypes:  # the same rule as core's llama_detect
-        llama_kwargs["dtype_llama"] = names.get(shapes_dtypes["model.norm.weight"])
-    if "scaled_fp8" in shapes_dtypes:
-        llama_kwargs["llama_scaled_fp8"] = names.get(shapes_dtypes["scaled_fp8"])
+    llama_dtype = names.get(part.dtypes.get("model.norm.weight"))  # the same rule as core's llama_detect
+    quantized, quant = read_quantized(part, pbar) if is_quantized(part.shapes, part.metadata) else (None, None)
     target = type("ClipTarget", (), {})()
     target.params = {}
-    target.clip = text_encoder_class(config, llama_kwargs)
+    target.clip = text_encoder_class(config, llama_dtype, quant.text_encoder_options if quant is not None else None)
     target.tokenizer = z_image.ZImageTokenizer
     parameters = sum(_numel(s) for s in part.shapes.values())
     clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"), parameters=parameters,
                          model_options={"initial_device": torch.device("meta")})
     transformer = clip.cond_stage_model.qwen3_4b.transformer
     wanted = target_dtypes(transformer)
-    assign_weights(transformer, read_part(part, wanted, pbar), part.label)
+    tensors = cast_to(quantized, wanted) if quantized is not None else read_part(part, wanted, pbar)
+    del quantized
+    assign_weights(transformer, tensors, part.label)
     return clip
 
 

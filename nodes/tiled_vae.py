@@ -68,7 +68,15 @@ def vae_and_tiling_inputs() -> list:
             io.Combo.Input("keep_activations", options=list(KEEP), default="auto", tooltip=KEEP_TOOLTIP, optional=True)]
 
 
-class ZImageTiledVAEDecode(io.ComfyNode):
+class TiledVAENode(io.ComfyNode):
+    @classmethod
+    def validate_inputs(cls, tile_size, keep_activations="auto"):
+        """Any tile_size and keep_activations reach the node, which says what is wrong with a bad one (newer
+        ComfyUI would otherwise refuse a size that is not in the list, such as 640, before the node runs)."""
+        return True
+
+
+class ZImageTiledVAEDecode(TiledVAENode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -94,7 +102,7 @@ class ZImageTiledVAEDecode(io.ComfyNode):
         return io.NodeOutput(images)
 
 
-class ZImageTiledVAEEncode(io.ComfyNode):
+class ZImageTiledVAEEncode(TiledVAENode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -150,7 +158,8 @@ def tiled_decode(vae, samples: torch.Tensor, tile_size="auto", keep: str = "auto
 
     out = run_tiled(vae, work, samples.shape, tile, keep, steps, max(h, w) * scale,
                     stored_bytes(model, samples.shape, vae.vae_dtype))
-    return vae.process_output(out).movedim(1, -1)
+    with torch.inference_mode():  # `out` was made there, and newer core's process_output works in place
+        return vae.process_output(out).movedim(1, -1)
 
 
 def tiled_encode(vae, pixels: torch.Tensor, tile_size="auto", keep: str = "auto") -> torch.Tensor:

@@ -74,7 +74,8 @@ def test_every_node_and_input_has_a_chinese_locale_entry(client):
     info = client.object_info()
     zh = client.get_json("/i18n")["zh"]
     defs, categories = zh["nodeDefs"], zh["nodeCategories"]
-    ours = {name: node for name, node in info.items() if name.startswith("ZImage")}
+    # the plugin's nodes, not core's Z-Image nodes (ZImageFunControlnet, TextEncodeZImageOmni, ...)
+    ours = {name: node for name, node in info.items() if node.get("python_module") == "custom_nodes.comfyui-zimage"}
     assert len(ours) == 8
     for name, node in ours.items():
         entry = defs[name]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+import sys
 
 import pytest
 from conftest import REPO_ROOT
@@ -12,8 +13,10 @@ from conftest import REPO_ROOT
 def install():
     spec = importlib.util.spec_from_file_location("zimage_install", REPO_ROOT / "install.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.modules.pop(spec.name, None)
 
 
 def test_existing_comfyui_is_found_from_custom_nodes_or_env(install, tmp_path, monkeypatch):

@@ -1,0 +1,153 @@
+// Browser scenarios for tests/test_browser.py: `node scenarios.mjs <scenario>` with its parameters as JSON on
+// stdin; the last line of stdout is the JSON result the Python test asserts on. Screenshots go to params.out.
+import { join } from "node:path";
+import { closeDialogs, openComfy, openDialogs, readStdinJson } from "./harness.mjs";
+
+const RUN_TIMEOUT_MS = 600_000;
+
+// Open a bundled workflow the way a user does: the Comfy menu, then Z-Image, then the workflow's entry.
+async function openFromMenu(page, label) {
+  await page.locator(".comfyui-logo").first().click();
+  await page.getByText("Z-Image", { exact: true }).first().hover();
+  await page.getByText(label, { exact: true }).first().click();
+  await page.waitForFunction(() => window.app.graph._nodes.some((n) => n.comfyClass?.startsWith("ZImage")), null, { timeout: 30_000 });
+  await page.waitForTimeout(1000); // dialogs about missing nodes or models open after the graph is configured
+}
+
+async function fitView(page) {
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.Canvas.FitView"));
+  await page.waitForTimeout(600);
+}
+
+// A close-up of one node: zoom in on it and capture its rectangle.
+async function nodeShot(page, nodeType, path, scale = 1.5) {
+  const clip = await page.evaluate(([type, scale]) => {
+    const { app, LiteGraph } = window;
+    const node = app.graph._nodes.find((n) => n.comfyClass === type);
+    app.canvas.ds.scale = scale;
+    app.canvas.centerOnNode(node);
+    app.canvas.setDirty(true, true);
+    const ds = app.canvas.ds, box = app.canvas.canvas.getBoundingClientRect(), title = LiteGraph.NODE_TITLE_HEIGHT;
+    return { x: box.left + (node.pos[0] + ds.offset[0]) * ds.scale - 16, y: box.top + (node.pos[1] - title + ds.offset[1]) * ds.scale - 16,
+      width: node.size[0] * ds.scale + 32, height: (node.size[1] + title) * ds.scale + 32 };
+  }, [nodeType, scale]);
+  await page.waitForTimeout(700); // DOM widgets follow the canvas on its next frame
+  await page.screenshot({ path, clip });
+}
+
+// Click Run and wait for this prompt to finish; returns the execution's outcome as the websocket told it.
+async function runFromUi(page) {
+  await page.evaluate(() => {
+    const api = window.app.api;
+    window.__zimageRun = { status: "queued", messages: [] };
+    for (const type of ["execution_start", "execution_success", "execution_error", "execution_interrupted"]) {
+      api.addEventListener(type, (e) => {
+        window.__zimageRun.messages.push(type);
+        if (type === "execution_start") window.__zimageRun.status = "running";
+        else {
+          window.__zimageRun.status = type.replace("execution_", "");
+          window.__zimageRun.detail = e.detail;
+        }
+      });
+    }
+  });
+  await page.getByRole("button", { name: "Run", exact: true }).first().click();
+  const deadline = Date.now() + RUN_TIMEOUT_MS;
+  while (Date.now() < deadline) {
+    const run = await page.evaluate(() => window.__zimageRun);
+    if (!["queued", "running"].includes(run.status)) return run;
+    const dialogs = await openDialogs(page);
+    if (dialogs.length && run.status === "queued") return { status: "rejected", dialogs };
+    await page.waitForTimeout(500);
+  }
+  return { status: "timeout" };
+}
+
+// Every image-output node's previews, once the browser has loaded them.
+async function shownImages(page) {
+  await page.waitForFunction(() => window.app.graph._nodes
+    .filter((n) => ["SaveImage", "PreviewImage", "ZImageKGenReport"].includes(n.comfyClass) && n.mode === 0)
+    .every((n) => n.imgs?.length && n.imgs.every((img) => img.complete && img.naturalWidth > 0)), null, { timeout: 60_000 });
+  return page.evaluate(() => window.app.graph._nodes
+    .filter((n) => n.imgs?.length)
+    .map((n) => ({ id: String(n.id), type: n.comfyClass, images: n.imgs.map((img) => ({ src: new URL(img.src).search, width: img.naturalWidth, height: img.naturalHeight })) })));
+}
+
+const scenarios = {
+  // Load a bundled workflow from the menu, export it as the frontend does, run it, and show its outputs.
+  async workflow(page, { name, label, out }) {
+    await openFromMenu(page, label);
+    const loadDialogs = await openDialogs(page);
+    await closeDialogs(page);
+    const exported = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
+    const tab = await page.evaluate(() => window.app.extensionManager.workflow.activeWorkflow?.filename ?? null);
+    const run = await runFromUi(page);
+    // The whole graph in view: the canvas loads a node's preview images only when it draws the node, and DOM
+    // widgets of nodes outside the view are hidden.
+    await fitView(page);
+    const images = run.status === "success" ? await shownImages(page) : [];
+    const figures = await page.evaluate(() => [...document.querySelectorAll(".zimage-kgen-figures")]
+      .map((el) => ({ text: el.textContent, kGen: el.dataset.kGen ?? null, visible: el.offsetParent !== null })));
+    await page.screenshot({ path: join(out, `${name}.png`) });
+    if (run.status === "success") await nodeShot(page, "ZImageKGenReport", join(out, `${name}-kgen-report.png`), 1.2);
+    return { loadDialogs, tab, exported, run: { status: run.status, messages: run.messages, detail: run.detail ?? null, dialogs: run.dialogs ?? [] }, images, figures, afterDialogs: await openDialogs(page) };
+  },
+
+  // Type into Z-Image Chinese Text Encode and read the live count the extension shows.
+  async tokenCount(page, { label, short, long, out }) {
+    await openFromMenu(page, label);
+    const node = await page.evaluateHandle(() => window.app.graph._nodes.find((n) => n.comfyClass === "ZImageChineseTextEncode"));
+    const textarea = await node.evaluateHandle((n) => n.widgets.find((w) => w.name === "text").inputEl);
+    const counter = await node.evaluateHandle((n) => n.widgets.find((w) => w.name === "token_count").element);
+    const read = () => counter.evaluate((el) => ({ text: el.textContent, tokens: el.dataset.tokens ?? null, over: el.classList.contains("zimage-over-limit"), visible: el.offsetParent !== null }));
+    await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.Canvas.FitView"));
+    const initial = await read();
+
+    await textarea.click();
+    await page.keyboard.press("Control+A");
+    await page.keyboard.press("Delete");
+    await page.keyboard.type(short, { delay: 20 }); // keystrokes, as a user types
+    console.log(await page.evaluate(() => Promise.race([new Promise((r) => requestAnimationFrame(() => r("raf fired"))), new Promise((r) => setTimeout(() => r("raf timeout"), 2000))])));
+    console.log(await page.evaluate(() => Promise.race([new Promise((r) => requestAnimationFrame(() => r("raf fired"))), new Promise((r) => setTimeout(() => r("raf timeout"), 2000))])));
+    let t0 = Date.now();
+    await page.waitForFunction(() => { window.__n = (window.__n ?? 0) + 1; return window.__n > 5; }, null, { timeout: 20_000 }).then(() => console.log("raf5 ok", Date.now() - t0), (e) => console.log("raf5 fail", e.message.slice(0, 100)));
+    
+    const typed = await read();
+    await nodeShot(page, "ZImageChineseTextEncode", join(out, "token-count.png"));
+
+    await page.keyboard.press("Control+A");
+    await page.keyboard.insertText(long); // a paste
+    await page.waitForFunction((el) => el.classList.contains("zimage-over-limit"), counter, { timeout: 20_000 });
+    const over = await read();
+    await nodeShot(page, "ZImageChineseTextEncode", join(out, "token-count-over-limit.png"));
+    const exportedText = await page.evaluate(async () => {
+      const { output } = await window.app.graphToPrompt();
+      return Object.values(output).find((n) => n.class_type === "ZImageChineseTextEncode").inputs;
+    });
+    return { initial, typed, over, exportedInputs: Object.keys(exportedText), serialisedText: exportedText.text.length };
+  },
+};
+
+// The bundled workflows in ComfyUI's template browser, under this package, with their thumbnails.
+scenarios.templates = async (page, { packageName, out }) => {
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+  await page.getByText(packageName, { exact: true }).first().click({ timeout: 30_000 });
+  await page.waitForTimeout(1500);
+  const cards = await page.evaluate(() => [...document.querySelectorAll("[data-testid^='template-workflow-'], .template-card, [class*='card']")]
+    .map((card) => ({ text: card.innerText.trim().slice(0, 200), images: [...card.querySelectorAll("img")].map((img) => ({ src: img.src, loaded: img.complete && img.naturalWidth > 0 })) }))
+    .filter((card) => card.images.length));
+  await page.screenshot({ path: join(out, "template-browser.png") });
+  return { cards };
+};
+
+const [name] = process.argv.slice(2);
+const params = await readStdinJson();
+let session;
+let result;
+try {
+  session = await openComfy(params.url);
+  result = await scenarios[name](session.page, params);
+} finally {
+  await session?.browser.close();
+}
+console.log(JSON.stringify({ ...result, problems: session.problems }));

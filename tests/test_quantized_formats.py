@@ -1,0 +1,132 @@
+"""Every weight format the loader reads computes what the bf16 file computes, on whichever ComfyUI runs the tests.
+
+In-process on the CPU: each tiny fixture (devtools/checkpoint_fixtures.py, the same random weights stored in bf16,
+fp16, fp32, plain fp8, old scaled fp8 and newer ComfyUI's mixed-precision `comfy_quant` layout) goes through the
+plugin's own loader functions; the diffusion model runs one forward pass and the text encoder encodes a prompt, on
+fixed inputs, and the output must stay within 10 % (relative L2 error) of the bf16 file's. fp8 keeps 3 mantissa
+bits, so a correct fp8 load lands at a few per cent; a load that drops the per-layer scales is off by orders of
+magnitude (the last test checks that this comparison sees it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from comfyui_zimage.nodes import loader
+from comfyui_zimage.nodes.checkpoint_format import infer_qwen3_config, read_header
+
+from devtools.checkpoint_fixtures import TINY_DIT, TINY_QWEN3, save, scaled_fp8, tiny_dit
+
+TOLERANCE = 0.1
+PROMPT = "a red circle on a blue background, 一只猫"
+
+DIT_FILES = {
+    "bf16": "tiny-zimage-turbo_bf16.safetensors",
+    "fp16": "tiny-zimage-base_fp16.safetensors",
+    "fp32": "tiny-zimage_fp32.safetensors",
+    "fp8_e4m3fn": "tiny-zimage-turbo_fp8_e4m3fn.safetensors",
+    "scaled_fp8": "tiny-zimage-turbo_fp8_scaled.safetensors",
+    "mixed_fp8": "tiny-zimage-turbo_mixed_fp8.safetensors",
+}
+TE_FILES = {
+    "bf16": "tiny-qwen3_bf16.safetensors",
+    "fp16": "tiny-qwen3_fp16.safetensors",
+    "fp32": "tiny-qwen3_fp32.safetensors",
+    "fp8_e4m3fn": "tiny-qwen3_fp8_e4m3fn.safetensors",
+    "scaled_fp8": "tiny-qwen3_fp8_scaled.safetensors",
+    "mixed_fp8": "tiny-qwen3_mixed_fp8.safetensors",
+}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def load_dit(path: Path):
+    part = loader.dit_part([read_header(path)], f"diffusion_models/{path.name}")
+    return loader.load_diffusion_model(part, loader.plan_dit_config(part), None, None, False, None)
+
+
+def dit_output(path: Path) -> torch.Tensor:
+    """One denoising step's model output on fixed inputs (core's apply_model: the sampler's entry point)."""
+    patcher = load_dit(path)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, TINY_DIT["in_channels"], 16, 16, generator=gen)
+    context = torch.randn(1, 7, TINY_DIT["cap_feat_dim"], generator=gen)
+    with torch.no_grad():
+        return patcher.model.apply_model(x, torch.tensor([0.6]), c_crossattn=context, num_tokens=7)
+
+
+def te_output(path: Path) -> torch.Tensor:
+    part = loader.text_encoder_part([read_header(path)], f"text_encoders/{path.name}")
+    clip = loader.load_text_encoder(part, infer_qwen3_config(part.shapes, part.label), None)
+    with torch.no_grad():
+        return clip.encode_from_tokens(clip.tokenize(PROMPT))
+
+
+@pytest.fixture(scope="module")
+def dit_reference(models_dir):
+    return dit_output(models_dir / "diffusion_models" / DIT_FILES["bf16"])
+
+
+@pytest.fixture(scope="module")
+def te_reference(models_dir):
+    return te_output(models_dir / "text_encoders" / TE_FILES["bf16"])
+
+
+@pytest.mark.parametrize("fmt", [f for f in DIT_FILES if f != "bf16"])
+def test_diffusion_model_format_computes_what_bf16_computes(models_dir, dit_reference, fmt):
+    out = dit_output(models_dir / "diffusion_models" / DIT_FILES[fmt])
+    assert out.shape == dit_reference.shape
+    error = relative_error(out, dit_reference)
+    print(f"diffusion model {fmt}: relative error {error:.4f}")
+    assert error <= TOLERANCE, f"{fmt}: relative error {error:.4f} vs the bf16 file"
+
+
+@pytest.mark.parametrize("fmt", [f for f in TE_FILES if f != "bf16"])
+def test_text_encoder_format_computes_what_bf16_computes(models_dir, te_reference, fmt):
+    out = te_output(models_dir / "text_encoders" / TE_FILES[fmt])
+    assert out.shape == te_reference.shape
+    error = relative_error(out, te_reference)
+    print(f"text encoder {fmt}: relative error {error:.4f}")
+    assert error <= TOLERANCE, f"{fmt}: relative error {error:.4f} vs the bf16 file"
+
+
+def test_quantized_layers_are_loaded_by_cores_quantised_ops(models_dir):
+    """The scaled and mixed files keep fp8 storage (core's scaled-fp8 or mixed-precision layers), not a copy cast up."""
+    for name in (DIT_FILES["scaled_fp8"], DIT_FILES["mixed_fp8"]):
+        qkv = load_dit(models_dir / "diffusion_models" / name).model.diffusion_model.layers[0].attention.qkv
+        assert qkv.weight.dtype in (torch.float8_e4m3fn, torch.bfloat16, torch.float32)
+        stored = getattr(qkv.weight, "_qdata", None)
+        if stored is None:  # older core's scaled fp8: the weight itself is fp8, beside its scale
+            assert qkv.weight.dtype == torch.float8_e4m3fn and float(qkv.scale_weight) != 1.0
+        else:  # mixed precision: a QuantizedTensor holding fp8 data
+            assert stored.dtype == torch.float8_e4m3fn
+
+
+def test_the_comparison_sees_dropped_scales(models_dir, dit_reference, tmp_path):
+    """A load that ignores the scales (here: the fp8 data of the scaled file read as plain fp8 weights) fails the
+    tolerance by far, so the format tests above can fail."""
+    sd = scaled_fp8(tiny_dit())
+    unscaled = {k: v for k, v in sd.items() if not k.endswith(".scale_weight") and k != "scaled_fp8"}
+    path = save(tmp_path / "diffusion_models" / "tiny-zimage-turbo_fp8_scales-dropped.safetensors", unscaled)
+    assert relative_error(dit_output(path), dit_reference) > 10 * TOLERANCE
+
+
+def test_unknown_quantisation_format_is_named(models_dir, tmp_path):
+    from devtools.checkpoint_fixtures import comfy_quant, mixed_precision_fp8
+
+    sd = mixed_precision_fp8(tiny_dit())
+    sd["layers.0.attention.qkv.comfy_quant"] = comfy_quant({"format": "float3_imaginary"})
+    path = save(tmp_path / "tiny-zimage-turbo_odd-quant.safetensors", sd)
+    with pytest.raises(loader.ZImageFileError) as e:
+        load_dit(path)
+    message = str(e.value)
+    assert path.name in message and "float3_imaginary" in message and "Update ComfyUI" in message
+
+
+def test_tiny_qwen3_is_what_the_fixtures_hold():
+    assert TINY_QWEN3["hidden_size"] == TINY_DIT["cap_feat_dim"]
