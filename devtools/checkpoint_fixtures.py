@@ -8,6 +8,7 @@ diffusers folders are written with diffusers' key names. Also writes the broken 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import sys
@@ -56,6 +57,26 @@ def randomize(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 def tiny_dit(seed=0, **overrides) -> dict[str, torch.Tensor]:
     sd = randomize(NextDiT(**{**TINY_DIT, **overrides}, operations=comfy.ops.disable_weight_init), seed)
     sd.pop("norm_final.weight", None)  # built by older NextDiT, never used, absent from the released files
+    return sd
+
+
+OMNI_SIGLIP_DIM = 48  # the real SigLIP features are 1152 wide
+
+
+def tiny_omni_dit(seed=5) -> dict[str, torch.Tensor]:
+    """The Z-Image Omni/Edit layout: the DiT plus a SigLIP feature embedder, refiner and pad token. Built with
+    core's NextDiT where it has that layout, else with the same keys by hand (older core cannot build it)."""
+    if "siglip_feat_dim" in inspect.signature(NextDiT.__init__).parameters:
+        return tiny_dit(seed, siglip_feat_dim=OMNI_SIGLIP_DIM)
+    sd = tiny_dit(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dim = TINY_DIT["dim"]
+    sd["siglip_embedder.0.weight"] = 1.0 + 0.05 * torch.randn(OMNI_SIGLIP_DIM, generator=gen)
+    sd["siglip_embedder.1.weight"] = torch.randn(dim, OMNI_SIGLIP_DIM, generator=gen) / OMNI_SIGLIP_DIM ** 0.5
+    sd["siglip_embedder.1.bias"] = torch.zeros(dim)
+    sd["siglip_pad_token"] = 0.1 * torch.randn(1, dim, generator=gen)
+    for k in [k for k in sd if k.startswith("context_refiner.")]:
+        sd["siglip_refiner." + k[len("context_refiner."):]] = sd[k].clone()
     return sd
 
 
@@ -215,8 +236,10 @@ def write_all(out: Path) -> dict[str, str]:
                         {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 and "embed" not in k else v.to(torch.bfloat16))
                          for k, v in dit.items()}),
         "dit_scaled_fp8": save(out / "diffusion_models/tiny-zimage-turbo_fp8_scaled.safetensors", scaled_fp8(dit)),
+        "dit_omni": save(out / "diffusion_models/tiny-zimage-omni_bf16.safetensors",
+                         cast(tiny_omni_dit(), torch.bfloat16), {"zimage.variant": "edit"}),
         "dit_mixed_fp8": save(out / "diffusion_models/tiny-zimage-turbo_mixed_fp8.safetensors",
-                              mixed_precision_fp8(dit, keep=("adaLN_modulation", "final_layer"))),
+                              mixed_precision_fp8(dit, keep=("final_layer",))),
         "te_bf16": save(out / "text_encoders/tiny-qwen3_bf16.safetensors", bf16_te),
         "te_fp16": save(out / "text_encoders/tiny-qwen3_fp16.safetensors", cast(te, torch.float16)),
         "te_fp32": save(out / "text_encoders/tiny-qwen3_fp32.safetensors", te),

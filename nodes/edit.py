@@ -91,11 +91,12 @@ class NextDiTWithReference(NextDiT):
                 image = out.get("img", image)
         return torch.cat((cap_feats, image), dim=1), freqs_cis, cap_len, cap_len + split
 
-    def unpatchify(self, x, img_size, cap_size, return_tensor=False):
+    def unpatchify(self, x, img_size, cap_size, return_tensor=False, **kwargs):
         """Core's unpatchify slices sample by sample: at batch 512 that loop was most of a GPU training step. A
-        batch here shares one size and caption length, so one reshape does the same."""
-        if not return_tensor or len(set(img_size)) != 1 or len(set(cap_size)) != 1:
-            return super().unpatchify(x, img_size, cap_size, return_tensor)
+        batch here shares one size and caption length, so one reshape does the same. (Newer core passes `frames`
+        for video latents; those go to core's.)"""
+        if not return_tensor or len(set(img_size)) != 1 or len(set(cap_size)) != 1 or kwargs.get("frames") is not None:
+            return super().unpatchify(x, img_size, cap_size, return_tensor, **kwargs)
         p, (H, W), begin = self.patch_size, img_size[0], cap_size[0]
         tokens = x[:, begin:begin + (H // p) * (W // p)]
         return (tokens.reshape(x.shape[0], H // p, W // p, p, p, self.out_channels)

@@ -221,7 +221,9 @@ class AttentionForward:
     def __init__(self, module: JointAttention, state: PruneState, name: str):
         self.module, self.state, self.name = module, state, name
 
-    def __call__(self, x, x_mask, freqs_cis, transformer_options={}):  # noqa: B006 - JointAttention's signature
+    def __call__(self, x, x_mask, freqs_cis, transformer_options={}, **fused):  # noqa: B006 - JointAttention's signature
+        if fused:  # newer core's fused quantised block hands over its own qkv projection: run core's attention as is
+            return JointAttention.forward(self.module, x, x_mask, freqs_cis, transformer_options=transformer_options, **fused)
         phase = transformer_options.get(PHASE_KEY, FULL)
         layer = self.state.layers[self.name]
         layer.tokens = x.shape[1]

@@ -94,3 +94,43 @@ def test_a_failed_browser_tool_install_is_reported_not_fatal(install, tmp_path, 
     monkeypatch.setattr(install.os, "geteuid", lambda: 0)
     install.ensure_browser_tools()  # no exception: the rest of the suite still runs
     assert "browser tests will be skipped" in capsys.readouterr().out
+
+
+def make_comfyui_tar(path, version="9.9.9", extra=()):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        members = [("ComfyUI/main.py", ""), ("ComfyUI/comfy/__init__.py", ""),
+                   ("ComfyUI/comfyui_version.py", f'__version__ = "{version}"\n'),
+                   ("ComfyUI/requirements.txt", "torch\ntorchaudio\nnumpy\n"), *extra]
+        for name, text in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return path
+
+
+def test_a_comfyui_source_gets_its_own_runtime_named_by_its_version(install, tmp_path, monkeypatch):
+    monkeypatch.setattr(install, "RUNTIMES_DIR", tmp_path / "runtimes")
+    runtime = install.source_runtime(str(make_comfyui_tar(tmp_path / "src.tar.gz")))
+    assert runtime.comfy_dir == tmp_path / "runtimes" / "comfyui-9.9.9" / "ComfyUI"
+    assert runtime.python == tmp_path / "runtimes" / "comfyui-9.9.9" / "venv" / "bin" / "python"
+    tree = install.unpack_comfyui_source(runtime.source, tmp_path / "staging")
+    assert (tree / "main.py").is_file() and install.comfyui_version(tree) == "9.9.9"
+    assert install.needs_torchaudio(tree)  # newer ComfyUI lists it and does not start without it
+    assert install.comfy_requirements(tree) == ["numpy", "requests"]
+    assert install.source_runtime(str(tree)).comfy_dir == runtime.comfy_dir  # a folder works the same way
+
+
+def test_a_source_whose_members_leave_the_tree_is_refused(install, tmp_path):
+    bad = make_comfyui_tar(tmp_path / "bad.tar.gz", extra=[("ComfyUI/../../escaped.txt", "x")])
+    with pytest.raises(SystemExit, match="refusing the member"):
+        install.unpack_comfyui_source(bad, tmp_path / "staging")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_comfyui_option_is_taken_out_of_the_pytest_arguments(install):
+    assert install.take_comfyui_option(["-k", "loader", "--comfyui", "x.tar.gz"]) == ("x.tar.gz", ["-k", "loader"])
+    assert install.take_comfyui_option(["--comfyui=dir", "-x"]) == ("dir", ["-x"])
+    assert install.take_comfyui_option(["-x"]) == (None, ["-x"])

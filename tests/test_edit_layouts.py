@@ -1,0 +1,85 @@
+"""The two edit layouts: nano-edit's (ours, on every ComfyUI) and Z-Image Omni's (core's NextDiT, where core has it)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from comfy.ldm.lumina.model import NextDiT
+from comfyui_zimage.nodes import loader
+from comfyui_zimage.nodes.checkpoint_format import ZImageFileError, read_header
+from comfyui_zimage.nodes.compat import nextdit_takes_reference_latents
+from comfyui_zimage.nodes.edit import NextDiTWithReference, ZImageEditModel
+from conftest import REPO_ROOT, sampling_graph
+from PIL import Image
+
+OMNI = "diffusion_models/tiny-zimage-omni_bf16.safetensors"
+CORE_OMNI = nextdit_takes_reference_latents()
+
+
+def load_dit(path, models_dir=None):
+    part = loader.dit_part([read_header(path)], path.name)
+    te = vae = None
+    if models_dir is not None:
+        te = loader.text_encoder_part([read_header(models_dir / "text_encoders/tiny-qwen3_bf16.safetensors")], "te")
+        vae = loader.vae_part([read_header(models_dir / "vae/tiny-ae.safetensors")], "vae")
+    return part, loader.Parts(part, te, vae, path.name, loader.plan_dit_config(part))
+
+
+def test_nano_edit_says_its_layout_and_loads_as_the_edit_model():
+    path = REPO_ROOT / "models" / "diffusion_models" / "nano_zimage_edit.safetensors"
+    part, parts = load_dit(path)
+    assert part.metadata["zimage.reference_layout"] == "appended"
+    model = loader.load_diffusion_model(part, parts.dit_config, None, None, False, None, reference_images=True).model
+    assert type(model) is ZImageEditModel and type(model.diffusion_model) is NextDiTWithReference
+    assert model.memory_usage_factor_conds == ("ref_latents",)
+    # the memory estimate counts the reference tokens
+    ref = torch.zeros(1, 16, 16, 16)
+    shapes = {k: [v] for k, v in model.extra_conds_shapes(reference_latents=[ref]).items()}  # one per cond, as the sampler
+    assert model.memory_required([1, 16, 16, 16], shapes) > model.memory_required([1, 16, 16, 16])
+
+
+@pytest.mark.skipif(not CORE_OMNI, reason="this ComfyUI's NextDiT has no Z-Image Omni support")
+def test_omni_layout_goes_to_cores_nextdit_with_no_key_dropped(models_dir):
+    path = models_dir / OMNI
+    part, parts = load_dit(path)
+    assert parts.dit_config["siglip_feat_dim"] > 0
+    model = loader.load_diffusion_model(part, parts.dit_config, None, None, False, None).model
+    assert type(model.diffusion_model) is NextDiT and model.diffusion_model.siglip_embedder is not None
+    built = set(model.diffusion_model.state_dict()) - {"norm_final.weight"}
+    assert built == set(part.shapes), "every tensor of the file has a place in core's model, and every place a tensor"
+    for key in ("siglip_embedder.1.weight", "siglip_refiner.0.attention.qkv.weight", "siglip_pad_token"):
+        assert not model.diffusion_model.state_dict()[key].is_meta
+
+
+@pytest.mark.skipif(CORE_OMNI, reason="this ComfyUI runs Z-Image Omni itself")
+def test_omni_layout_is_refused_with_a_clear_message_where_core_cannot_run_it(models_dir):
+    _, parts = load_dit(models_dir / OMNI, models_dir)
+    with pytest.raises(ZImageFileError, match="Omni.*Update ComfyUI"):
+        loader.plan_load(parts)
+
+
+def omni_graph(with_reference: bool) -> dict:
+    graph = sampling_graph(OMNI, text_encoder="tiny-qwen3_bf16.safetensors", vae="tiny-ae.safetensors", seed=3,
+                           prefix="omni")
+    if with_reference:
+        graph["9"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+        graph["10"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["3", 0], "latent": ["9", 0]}}
+        graph["6"]["inputs"]["positive"] = ["10", 0]
+    return graph
+
+
+def test_omni_file_samples_with_a_reference_in_a_graph_or_says_to_update(client):
+    results = [client.run(omni_graph(ref), timeout=300) for ref in (False, True)]
+    if not CORE_OMNI:
+        for result in results:
+            assert result.status == "error" and "Update ComfyUI" in result.error["exception_message"]
+        assert client.run(sampling_graph("diffusion_models/tiny-zimage-turbo_bf16.safetensors"), timeout=300).status == "success"
+        return
+    images = []
+    for result in results:
+        assert result.status == "success", result.error
+        (image,) = result.images()
+        images.append(np.asarray(Image.open(io.BytesIO(client.view(image))).convert("RGB"), dtype=np.float32))
+    assert np.abs(images[0] - images[1]).mean() > 0.5, "the reference latent did not reach core's Omni model"
