@@ -13,11 +13,13 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 import types
 from dataclasses import dataclass, field
 
 import comfy.model_detection
 import comfy.model_management as mm
+import comfy.ops
 import comfy.quant_ops
 import comfy.supported_models_base
 import comfy.text_encoders.llama as llama
@@ -26,7 +28,7 @@ import torch
 from comfy.ldm.lumina.model import NextDiT
 from comfy_api.latest import io
 
-from .checkpoint_format import COMFY_QUANT_SUFFIX, SCALED_FP8_MARKER
+from .checkpoint_format import COMFY_QUANT_SUFFIX, SCALED_FP8_MARKER, ZImageFileError
 
 
 class ComboOutput(io.Combo.Output):
@@ -90,6 +92,7 @@ def _llama_block_forward_out_of_place(self, x, attention_mask=None, freqs_cis=No
 # (`model_config.scaled_fp8`, the text encoder's `scaled_fp8` option) and mixed precision from the header's
 # `_quantization_metadata` only (`model_config.layer_quant_config`, a JSON `quantization_metadata` option); the
 # per-layer `comfy_quant` tensors of newer files carry the same per-layer configs, which are handed to it that way.
+# Older core's quantised weights also ignore a cast to another dtype (see quantized_tensors_follow_dtype_casts).
 
 
 @dataclass
@@ -106,6 +109,25 @@ class Quantization:
 def core_converts_old_quants() -> bool:
     """Newer core reads scaled-fp8 files by converting them to the mixed-precision layout (no scaled_fp8_ops)."""
     return hasattr(comfy.utils, "convert_old_quants") and hasattr(comfy.utils, "detect_layer_quantization")
+
+
+@functools.cache
+def quantized_tensors_follow_dtype_casts() -> bool:
+    """Newer core's quantised weights dequantise to the dtype a layer casts them to. Older core's ignore the cast
+    (logging "dtype conversion ... not supported") and dequantise to the layer's compute dtype, so a text encoder,
+    which computes in float32 whatever its weights' dtype, fails in a quantised layer ("expected m1 and m2 to have
+    the same dtype") unless that layer's compute dtype is float32."""
+    layout = comfy.quant_ops.QUANT_ALGOS["float8_e4m3fn"]["comfy_tensor_layout"]
+    probe = comfy.quant_ops.QuantizedTensor.from_float(torch.ones(1, 1, dtype=torch.bfloat16), layout,
+                                                       scale=torch.ones(()))
+    logging.disable(logging.WARNING)  # the probe's expected warning on older core
+    try:
+        cast = probe.to(dtype=torch.float32)
+    finally:
+        logging.disable(logging.NOTSET)
+    if isinstance(cast, comfy.quant_ops.QuantizedTensor):
+        cast = cast.dequantize()
+    return cast.dtype == torch.float32
 
 
 def quant_formats() -> set[str]:
@@ -128,7 +150,7 @@ def prepare_quantized(sd: dict[str, torch.Tensor], metadata: dict) -> tuple[dict
             return sd, None
         formats = {_layer_config(v).get("format") for k, v in sd.items() if k.endswith(COMFY_QUANT_SUFFIX)}
         return sd, Quantization(True, formats, model_config={"quant_config": config},
-                                text_encoder_options={"quantization_metadata": config})
+                                text_encoder_options=_text_encoder_options({"quantization_metadata": config}, config))
     if SCALED_FP8_MARKER in sd:
         marker = sd.pop(SCALED_FP8_MARKER)
         dtype = torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype  # as core's model detection
@@ -143,14 +165,24 @@ def prepare_quantized(sd: dict[str, torch.Tensor], metadata: dict) -> tuple[dict
         return sd, None
     formats = {conf.get("format") for conf in layers.values()}
     return sd, Quantization(True, formats, model_config={"layer_quant_config": layers},
-                            text_encoder_options={"quantization_metadata": json.dumps({"layers": layers})})
+                            text_encoder_options=_text_encoder_options(
+                                {"quantization_metadata": json.dumps({"layers": layers})}, layers))
 
 
-def apply_quantization(model_config, quant: Quantization) -> None:
+def _text_encoder_options(options: dict, ops_config: dict) -> dict:
+    """The model options a text encoder takes a mixed-precision file from: core's own (the quantisation config, from
+    which its text-encoder code builds mixed_precision_ops in the encoder's dtype); where quantised weights ignore
+    dtype casts, core's mixed_precision_ops given directly, with the float32 compute dtype the encoder runs in."""
+    if quantized_tensors_follow_dtype_casts():
+        return options
+    return {"custom_operations": comfy.ops.mixed_precision_ops(ops_config, torch.float32, full_precision_mm=True)}
+
+
+def apply_quantization(model_config, quant: Quantization, label: str) -> None:
     """Set a diffusion model's config so core builds it with the operations that load `quant`'s layout."""
     for name, value in quant.model_config.items():
-        if not hasattr(comfy.supported_models_base.BASE, name):  # newer core warns on unknown names and ignores them
-            raise RuntimeError(f"this ComfyUI's model config has no {name!r}; the loader's quantisation support does "
-                               "not match it")
+        if not hasattr(comfy.supported_models_base.BASE, name):  # newer core would ignore it and drop the scales
+            raise ZImageFileError(f"{label}: this ComfyUI has no way to load its quantised weights (its model config "
+                                  f"lacks {name!r}). Update ComfyUI, or use the bf16 file.")
         setattr(model_config, name, value)
     model_config.optimizations.update(quant.optimizations)

@@ -36,6 +36,9 @@ def _pad_tokens(tokens: torch.Tensor, pad_token: torch.Tensor, multiple: int | N
 def _reference_block(layer, x, freqs_cis, t, t_ref, split: int, transformer_options):
     """A modulated JointTransformerBlock whose tokens from `split` on (the references) take the modulation of `t_ref`:
     core's block modulates every token alike."""
+    if t_ref is t:  # no references: core's block itself
+        return layer(x, None, freqs_cis, t, transformer_options=transformer_options)
+
     def per_token(noisy, clean):
         return torch.cat((noisy.unsqueeze(1).expand(-1, split, -1), clean.unsqueeze(1).expand(-1, x.shape[1] - split, -1)), 1)
 

@@ -458,7 +458,12 @@ def read_quantized(part: Part, pbar) -> tuple[dict[str, torch.Tensor], Quantizat
     if part.layout != "comfy":
         raise ZImageFileError(f"{part.label}: quantised weights in a diffusers folder are not supported; use the "
                               "ComfyUI-format file (e.g. z_image_turbo_fp8_scaled.safetensors) or the bf16 folder.")
-    sd, quant = prepare_quantized(read_part(part, {k: None for k in part.shapes}, pbar), part.metadata)
+    sd = read_part(part, {k: None for k in part.shapes}, pbar)
+    try:
+        sd, quant = prepare_quantized(sd, part.metadata)
+    except (ValueError, KeyError) as e:  # e.g. a `comfy_quant` config that is not JSON
+        raise ZImageFileError(f"{part.label}: its quantisation settings are unreadable ({e}); the file is damaged. "
+                              "Download it again, or use the bf16 file.") from None
     unknown = quant.formats - quant_formats() if quant is not None and quant.mixed_precision else set()
     if unknown:
         raise ZImageFileError(f"{part.label}: its layers are quantised as {', '.join(sorted(map(str, unknown)))}, which "
@@ -503,7 +508,7 @@ def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dt
     if is_quantized(part.shapes, part.metadata):
         quantized, quant = read_quantized(part, pbar)
         if quant is not None:
-            apply_quantization(model_config, quant)
+            apply_quantization(model_config, quant, part.label)
 
     load_device = mm.get_torch_device()
     parameters = sum(_numel(s) for s in part.shapes.values())

@@ -16,6 +16,7 @@ SOURCES = [
     "diffusion_models/tiny-zimage_fp32.safetensors",
     "diffusion_models/tiny-zimage-turbo_fp8_e4m3fn.safetensors",
     "diffusion_models/tiny-zimage-turbo_fp8_scaled.safetensors",
+    "diffusion_models/tiny-zimage-turbo_mixed_fp8.safetensors",
     "checkpoints/tiny-zimage-turbo-aio.safetensors",
     "diffusers/tiny-zimage-turbo-diffusers",
 ]
@@ -43,6 +44,16 @@ def test_every_format_samples_with_core_nodes(client, source):
     assert result.status == "success", result.error
     pixels = fetch_image(client, result)
     assert pixels.shape == (64, 64, 3)
+    assert np.isfinite(pixels).all() and pixels.std() > 0.5, "the decoded image is constant"
+
+
+@pytest.mark.parametrize("text_encoder", ["tiny-qwen3_fp8_scaled.safetensors", "tiny-qwen3_mixed_fp8.safetensors"])
+def test_quantized_text_encoders_sample_with_core_nodes(client, text_encoder):
+    """Through core's CLIPTextEncode; how close they come to the bf16 encoder: tests/test_quantized_formats.py."""
+    result = client.run(sampling_graph("diffusion_models/tiny-zimage-turbo_fp8_scaled.safetensors",
+                                       text_encoder=text_encoder, prefix="te"), timeout=300)
+    assert result.status == "success", result.error
+    pixels = fetch_image(client, result)
     assert np.isfinite(pixels).all() and pixels.std() > 0.5, "the decoded image is constant"
 
 

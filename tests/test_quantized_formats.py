@@ -4,19 +4,21 @@ In-process on the CPU: each tiny fixture (devtools/checkpoint_fixtures.py, the s
 fp16, fp32, plain fp8, old scaled fp8 and newer ComfyUI's mixed-precision `comfy_quant` layout) goes through the
 plugin's own loader functions; the diffusion model runs one forward pass and the text encoder encodes a prompt, on
 fixed inputs, and the output must stay within 10 % (relative L2 error) of the bf16 file's. fp8 keeps 3 mantissa
-bits, so a correct fp8 load lands at a few per cent; a load that drops the per-layer scales is off by orders of
-magnitude (the last test checks that this comparison sees it).
+bits, so a correct fp8 load lands at a few per cent; a load that drops the per-layer scales is far off (the RMS
+norms after each Z-Image attention and feed-forward absorb part of a lost scale, so the quantised fixtures include
+the modulation layers, whose scale nothing absorbs; test_the_comparison_sees_dropped_scales checks the margin).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import comfy.quant_ops
 import pytest
 import torch
 from comfyui_zimage.nodes import loader
 from comfyui_zimage.nodes.checkpoint_format import infer_qwen3_config, read_header
 
-from devtools.checkpoint_fixtures import TINY_DIT, TINY_QWEN3, save, scaled_fp8, tiny_dit
+from devtools.checkpoint_fixtures import TINY_DIT, comfy_quant, mixed_precision_fp8, save, scaled_fp8, tiny_dit
 
 TOLERANCE = 0.1
 PROMPT = "a red circle on a blue background, 一只猫"
@@ -95,16 +97,29 @@ def test_text_encoder_format_computes_what_bf16_computes(models_dir, te_referenc
     assert error <= TOLERANCE, f"{fmt}: relative error {error:.4f} vs the bf16 file"
 
 
+def test_mixed_precision_described_in_the_header_loads(models_dir, dit_reference, tmp_path):
+    """The same per-layer configs in the header's `_quantization_metadata` (how ComfyUI 0.3.x saved mixed-precision
+    files) instead of `comfy_quant` tensors."""
+    import json
+
+    sd = mixed_precision_fp8(tiny_dit(), keep=("final_layer",))
+    layers = {k[:-len(".comfy_quant")]: json.loads(bytes(sd.pop(k).tolist())) for k in list(sd)
+              if k.endswith(".comfy_quant")}
+    path = save(tmp_path / "tiny-zimage-turbo_fp8_header-quant.safetensors", sd,
+                {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})})
+    error = relative_error(dit_output(path), dit_reference)
+    print(f"diffusion model mixed_fp8 (header metadata): relative error {error:.4f}")
+    assert error <= TOLERANCE
+
+
 def test_quantized_layers_are_loaded_by_cores_quantised_ops(models_dir):
     """The scaled and mixed files keep fp8 storage (core's scaled-fp8 or mixed-precision layers), not a copy cast up."""
     for name in (DIT_FILES["scaled_fp8"], DIT_FILES["mixed_fp8"]):
         qkv = load_dit(models_dir / "diffusion_models" / name).model.diffusion_model.layers[0].attention.qkv
-        assert qkv.weight.dtype in (torch.float8_e4m3fn, torch.bfloat16, torch.float32)
-        stored = getattr(qkv.weight, "_qdata", None)
-        if stored is None:  # older core's scaled fp8: the weight itself is fp8, beside its scale
+        if isinstance(qkv.weight, comfy.quant_ops.QuantizedTensor):  # mixed precision: fp8 data with its scale
+            assert qkv.weight._qdata.dtype == torch.float8_e4m3fn
+        else:  # older core's scaled fp8: the weight itself is fp8, beside its scale
             assert qkv.weight.dtype == torch.float8_e4m3fn and float(qkv.scale_weight) != 1.0
-        else:  # mixed precision: a QuantizedTensor holding fp8 data
-            assert stored.dtype == torch.float8_e4m3fn
 
 
 def test_the_comparison_sees_dropped_scales(models_dir, dit_reference, tmp_path):
@@ -117,8 +132,6 @@ def test_the_comparison_sees_dropped_scales(models_dir, dit_reference, tmp_path)
 
 
 def test_unknown_quantisation_format_is_named(models_dir, tmp_path):
-    from devtools.checkpoint_fixtures import comfy_quant, mixed_precision_fp8
-
     sd = mixed_precision_fp8(tiny_dit())
     sd["layers.0.attention.qkv.comfy_quant"] = comfy_quant({"format": "float3_imaginary"})
     path = save(tmp_path / "tiny-zimage-turbo_odd-quant.safetensors", sd)
@@ -126,7 +139,3 @@ def test_unknown_quantisation_format_is_named(models_dir, tmp_path):
         load_dit(path)
     message = str(e.value)
     assert path.name in message and "float3_imaginary" in message and "Update ComfyUI" in message
-
-
-def test_tiny_qwen3_is_what_the_fixtures_hold():
-    assert TINY_QWEN3["hidden_size"] == TINY_DIT["cap_feat_dim"]
