@@ -7,9 +7,11 @@ const CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
   "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage"];
 
 // A first visit opens the template browser and a "Nodes 2.0" banner over the canvas; a returning user has
-// neither, and that is the user these tests play.
-const SETTINGS = {
+// neither, and that is the user these tests play. Settings live on the server, so every session sets them all
+// again (a scenario that switches to Vue nodes or to Chinese leaves nothing behind for the next one).
+export const SETTINGS = {
   "Comfy.TutorialCompleted": true,
+  "Comfy.Locale": "en",
   "Comfy.VueNodes.Enabled": false,
   "Comfy.Workflow.ShowMissingNodesWarning": true,
   "Comfy.Workflow.ShowMissingModelsWarning": true,
@@ -18,8 +20,10 @@ const SETTINGS = {
   "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1,
 };
 
-export async function openComfy(url, { width = 2400, height = 1250 } = {}) {
-  await fetch(`${url}/api/settings`, { method: "POST", body: JSON.stringify(SETTINGS) });
+// `settings` are set over these defaults before the page loads, as a user's saved settings are.
+export async function openComfy(url, { width = 2400, height = 1250, settings = {} } = {}) {
+  const response = await fetch(`${url}/api/settings`, { method: "POST", body: JSON.stringify({ ...SETTINGS, ...settings }) });
+  if (!response.ok) throw new Error(`POST /api/settings: HTTP ${response.status}`);
   const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: CHROMIUM_ARGS });
   try {
     const page = await browser.newPage({ viewport: { width, height } });

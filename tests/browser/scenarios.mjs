@@ -124,16 +124,135 @@ const scenarios = {
   },
 };
 
-// The bundled workflows in ComfyUI's template browser, under this package, with their thumbnails.
+// The bundled workflows in ComfyUI's template browser, under this package, with their thumbnails. A card's name
+// is read from its test id or its heading: newer frontends put badges ("Node graph") above the name.
 scenarios.templates = async (page, { packageName, out }) => {
   await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
   await page.getByText(packageName, { exact: true }).first().click({ timeout: 30_000 });
   await page.waitForTimeout(1500);
-  const cards = await page.evaluate(() => [...document.querySelectorAll("[data-testid^='template-workflow-'], .template-card, [class*='card']")]
-    .map((card) => ({ text: card.innerText.trim().slice(0, 200), images: [...card.querySelectorAll("img")].map((img) => ({ src: img.src, loaded: img.complete && img.naturalWidth > 0 })) }))
-    .filter((card) => card.images.length));
+  const cards = await page.evaluate(() => {
+    const tagged = [...document.querySelectorAll("[data-testid^='template-workflow-']")];
+    const cards = tagged.length ? tagged : [...document.querySelectorAll(".template-card, [class*='card']")];
+    return cards.map((card) => {
+      const heading = card.querySelector("h1, h2, h3, h4, [title]:not(img)");
+      const name = card.dataset.testid?.replace(/^template-workflow-/, "") || heading?.getAttribute("title") || heading?.textContent.trim()
+        || card.innerText.trim().split("\n")[0];
+      const badges = [...card.querySelectorAll("span")].filter((el) => !heading?.contains(el))
+        .map((el) => el.textContent.trim()).filter((text) => text && text !== name);
+      return { name, text: card.innerText.trim().slice(0, 200), badges,
+        images: [...card.querySelectorAll("img")].map((img) => ({ src: img.src, loaded: img.complete && img.naturalWidth > 0 })) };
+    }).filter((card) => card.images.length);
+  });
   await page.screenshot({ path: join(out, "template-browser.png") });
   return { cards };
+};
+
+// Fresh nodes of these types, side by side in a new blank workflow, as a user adds them: a loaded workflow keeps
+// the titles and colours it was saved with, a new node shows what the frontend and the extensions give it.
+async function addFreshNodes(page, types) {
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.NewBlankWorkflow"));
+  await page.waitForFunction(() => window.app.graph._nodes.length === 0, null, { timeout: 10_000, polling: 100 });
+  const added = await page.evaluate((types) => {
+    const { app, LiteGraph } = window;
+    const added = {};
+    let x = 0;
+    for (const type of types) {
+      const node = LiteGraph.createNode(type);
+      if (!node) continue; // not registered on this ComfyUI
+      node.pos = [x, 0];
+      x += node.size[0] + 60;
+      app.graph.add(node);
+      added[type] = String(node.id);
+    }
+    app.graph.setDirtyCanvas(true, true);
+    return added;
+  }, types);
+  await fitView(page);
+  return added;
+}
+
+// What the graph holds for each node and, where the frontend renders nodes as DOM (Vue nodes / Nodes 2.0), what
+// that DOM shows: its title, the background the node's colour paints, its widgets, whether it is on screen.
+async function describeNodes(page) {
+  return page.evaluate(() => window.app.graph._nodes.map((n) => {
+    const el = document.querySelector(`[data-node-id="${n.id}"]`);
+    const titleEl = el?.querySelector("[data-testid='node-title']");
+    const painted = el && [el, ...el.querySelectorAll("*")].map((e) => e.style?.getPropertyValue("--component-node-background").trim()).find(Boolean);
+    const box = el?.getBoundingClientRect();
+    return {
+      id: String(n.id), type: n.comfyClass ?? n.type, title: n.getTitle?.() ?? n.title, color: n.color ?? null, bgcolor: n.bgcolor ?? null,
+      dom: Boolean(el), domTitle: el ? (titleEl ?? el).innerText.trim().split("\n")[0].trim() : null, domBackground: painted || null,
+      domVisible: Boolean(box && box.width > 0 && box.height > 0),
+      domWidgets: el ? el.querySelectorAll("textarea, input, select, [role='combobox'], .zimage-token-count").length : 0,
+    };
+  }));
+}
+
+// The images each image-output node shows: the DOM's <img> in Vue nodes mode, else the canvas's node.imgs.
+async function shownImagesInDom(page) {
+  const types = ["SaveImage", "PreviewImage", "ZImageKGenReport"];
+  const read = () => page.evaluate((types) => window.app.graph._nodes
+    .filter((n) => types.includes(n.comfyClass) && n.mode === 0)
+    .map((n) => {
+      const el = document.querySelector(`[data-node-id="${n.id}"]`);
+      const imgs = el ? [...el.querySelectorAll("img")] : [];
+      return { id: String(n.id), type: n.comfyClass, images: imgs.filter((img) => img.complete && img.naturalWidth > 0 && /\/view\?/.test(img.src))
+        .map((img) => ({ src: new URL(img.src).search, width: img.naturalWidth, height: img.naturalHeight })) };
+    }), types);
+  const deadline = Date.now() + 60_000;
+  let shown = await read();
+  while (Date.now() < deadline && !shown.every((n) => n.images.length)) {
+    await page.waitForTimeout(500);
+    shown = await read();
+  }
+  return shown;
+}
+
+// Nodes 2.0: the plugin's nodes render as Vue components, its DOM widgets live in them, and a workflow runs.
+scenarios.vueNodes = async (page, { name, label, fresh, out }) => {
+  const vueNodes = await page.evaluate(() => window.app.extensionManager.setting.get("Comfy.VueNodes.Enabled"));
+  await openFromMenu(page, label);
+  await fitView(page);
+  const loadDialogs = await openDialogs(page);
+  await closeDialogs(page);
+  const exported = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
+  const nodes = await describeNodes(page);
+  const counter = await page.evaluate(() => {
+    const el = document.querySelector(".zimage-token-count");
+    return el ? { text: el.textContent, tokens: el.dataset.tokens ?? null, visible: el.offsetParent !== null,
+      inNode: el.closest("[data-node-id]")?.getAttribute("data-node-id") ?? null } : null;
+  });
+  await page.screenshot({ path: join(out, `vue-nodes-${name}.png`) });
+  const run = await runFromUi(page);
+  await fitView(page);
+  const images = run.status === "success" ? await shownImagesInDom(page) : [];
+  const figures = await page.evaluate(() => [...document.querySelectorAll(".zimage-kgen-figures")]
+    .map((el) => ({ text: el.textContent, kGen: el.dataset.kGen ?? null, visible: el.offsetParent !== null,
+      inNode: el.closest("[data-node-id]")?.getAttribute("data-node-id") ?? null })));
+  await page.screenshot({ path: join(out, `vue-nodes-${name}-run.png`) });
+  const afterDialogs = await openDialogs(page);
+  // New nodes in Vue mode: the plugin's painted in its colour, core's (and other packages') not.
+  const added = await addFreshNodes(page, fresh);
+  await page.waitForTimeout(1000);
+  const freshNodes = await describeNodes(page);
+  await page.screenshot({ path: join(out, "vue-nodes-fresh.png") });
+  return { vueNodes, loadDialogs, exported, nodes, counter,
+    run: { status: run.status, messages: run.messages, detail: run.detail ?? null, dialogs: run.dialogs ?? [] },
+    images, figures, afterDialogs, added, freshNodes };
+};
+
+// Fresh nodes' titles (what the canvas draws, and the DOM in Vue nodes mode) and colours.
+scenarios.freshNodes = async (page, { types, shot, out }) => {
+  const added = await addFreshNodes(page, types);
+  await page.waitForTimeout(1000);
+  const nodes = await describeNodes(page);
+  const frontend = await page.evaluate(() => ({
+    version: window.__COMFYUI_FRONTEND_VERSION__ ?? null,
+    locale: window.app.extensionManager.setting.get("Comfy.Locale"),
+    vueNodes: window.app.extensionManager.setting.get("Comfy.VueNodes.Enabled"),
+  }));
+  await page.screenshot({ path: join(out, `${shot}.png`) });
+  return { added, nodes, frontend };
 };
 
 const [name] = process.argv.slice(2);
@@ -141,7 +260,7 @@ const params = await readStdinJson();
 let session;
 let result;
 try {
-  session = await openComfy(params.url);
+  session = await openComfy(params.url, { settings: params.settings ?? {} });
   result = await scenarios[name](session.page, params);
 } finally {
   await session?.browser.close();
