@@ -540,10 +540,21 @@ def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dt
                    for k, v in convert_diffusers_dit(raw).items()}
         del raw
     else:
+        refuse_unplaced(part, wanted)
         tensors = read_part(part, wanted, pbar)
     assign_weights(model.diffusion_model, tensors, part.label)
     del tensors
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+
+
+def refuse_unplaced(part: Part, wanted) -> None:
+    """Load strictly: a tensor of the file that the model has no place for would be dropped without a word (a
+    newer Z-Image variant's weights, say), so it stops the load instead."""
+    unplaced = sorted(set(part.shapes) - set(wanted) - {"norm_final.weight"})
+    if unplaced:
+        raise ZImageFileError(f"{part.label}: {len(unplaced)} of its tensors have no place in the Z-Image model this "
+                              f"ComfyUI builds (e.g. {unplaced[0]}): it is another variant or a newer layout. Update "
+                              "ComfyUI and this plugin, or pick a Z-Image Turbo/Base file.")
 
 
 def _numel(shape) -> int:

@@ -83,3 +83,12 @@ def test_omni_file_samples_with_a_reference_in_a_graph_or_says_to_update(client)
         (image,) = result.images()
         images.append(np.asarray(Image.open(io.BytesIO(client.view(image))).convert("RGB"), dtype=np.float32))
     assert np.abs(images[0] - images[1]).mean() > 0.5, "the reference latent did not reach core's Omni model"
+
+
+def test_a_tensor_the_model_has_no_place_for_stops_the_load(tmp_path):
+    from devtools.checkpoint_fixtures import save, tiny_dit
+
+    path = save(tmp_path / "tiny-zimage-future.safetensors", {**tiny_dit(), "future_embedder.weight": torch.zeros(4, 4)})
+    part, parts = load_dit(path)
+    with pytest.raises(ZImageFileError, match="future_embedder.weight.*no place|no place.*future_embedder.weight"):
+        loader.load_diffusion_model(part, parts.dit_config, None, None, False, None)
