@@ -19,6 +19,7 @@ from pathlib import Path
 import comfy.model_detection
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.samplers
 import comfy.sd
 import comfy.supported_models
@@ -544,7 +545,30 @@ def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dt
         tensors = read_part(part, wanted, pbar)
     assign_weights(model.diffusion_model, tensors, part.label)
     del tensors
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CONTROL_CHECK_KEY,
+                                 refuse_controlnets_of_another_width)
+    return patcher
+
+
+CONTROL_CHECK_KEY = "zimage-controlnet-width"
+
+
+def refuse_controlnets_of_another_width(executor, x, *args, **kwargs):
+    """Core's Z-Image ControlNet patches (`ZImageFunControlnet`) add their hints to the model's hidden states, so
+    they fit only a model of their own width; any other would fail deep in the first block with a shape error."""
+    width = executor.class_obj.dim
+    patches = kwargs.get("transformer_options", {}).get("patches", {})
+    for patch in patches.get("noise_refiner", []) + patches.get("double_block", []):
+        control = getattr(getattr(patch, "model_patch", None), "model", None)
+        layers = getattr(control, "control_layers", None)
+        control_width = getattr(layers[0], "dim", None) if layers else None
+        if control_width is not None and control_width != width:
+            raise ZImageFileError(f"This Z-Image ControlNet is made for {control_width}-wide models, but the loaded "
+                                  f"model is {width} wide" + (" (a nano model)" if width < 1024 else "") + ". Use it "
+                                  "with the Z-Image model it was trained for (the real Z-Image Turbo/Base files), or "
+                                  "bypass the ControlNet node.")
+    return executor(x, *args, **kwargs)
 
 
 def refuse_unplaced(part: Part, wanted) -> None:

@@ -30,8 +30,8 @@ def load_dit(name: str) -> ModelPatcher:
                                        reference_images=name == "nano_zimage_edit.safetensors")
 
 
-def control_patch(dit: ModelPatcher) -> ModelPatcher:
-    dim = dit.model.diffusion_model.dim
+def control_patch(dit: ModelPatcher, dim: int | None = None) -> ModelPatcher:
+    dim = dim or dit.model.diffusion_model.dim
     heads = dit.model.diffusion_model.n_heads
     control = controlnet.ZImage_Control(dim=dim, n_heads=heads, n_kv_heads=heads, n_control_layers=3,
                                         refiner_control=True, operations=comfy.ops.manual_cast)
@@ -55,7 +55,8 @@ def predict(dit: ModelPatcher, refs=None) -> torch.Tensor:
     x = torch.randn(1, 16, 16, 16, generator=gen)
     ctx = torch.randn(1, 9, dit.model.diffusion_model.cap_embedder[1].in_features, generator=gen)
     sigma = torch.tensor([0.7])
-    options = dict(dit.model_options["transformer_options"], sigmas=sigma, cond_or_uncond=[0])
+    # as the sampler calls the model: the patcher's wrappers and patches in the transformer options
+    options = dict(dit.model_options["transformer_options"], sigmas=sigma, cond_or_uncond=[0], wrappers=dit.wrappers)
     extra = {"ref_latents": refs} if refs is not None else {}
     with torch.no_grad():
         return dit.model.apply_model(x, sigma, c_crossattn=ctx, num_tokens=ctx.shape[1], transformer_options=options,
@@ -75,3 +76,14 @@ def test_fun_controlnet_changes_the_output_of_every_model_the_loader_returns(nam
     # strength 0 adds nothing: the patches run in the right places and change only what they add
     (off,) = model_patch_nodes.ZImageFunControlnet().diffsynth_controlnet(dit, control_patch(dit), vae, picture, 0.0)
     assert torch.allclose(predict(off, refs), plain, atol=1e-6)
+
+
+def test_a_controlnet_of_another_width_is_refused_with_a_clear_message(vae):
+    from comfyui_zimage.nodes.checkpoint_format import ZImageFileError
+
+    dit = load_dit("nano_zimage_turbo.safetensors")
+    picture = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(3))
+    (patched,) = model_patch_nodes.ZImageFunControlnet().diffsynth_controlnet(dit, control_patch(dit, dim=512), vae,
+                                                                               picture, 1.0)
+    with pytest.raises(ZImageFileError, match="made for 512-wide models, but the loaded model is 256 wide"):
+        predict(patched)
