@@ -372,8 +372,7 @@ def make_report(probe: Probe, final_latent: torch.Tensor, c_text: float, thresho
         report["convergence"] = [round(v, 6) for v in curve]
         report["fit"] = kinetics_fit(run.times, curve, c_text)
         report["t1_s"] = convergence_time(run.times, curve, threshold)
-        if report["fit"].get("error"):
-            messages.append(report["fit"]["error"])
+        messages += [report["fit"][k] for k in ("error", "note") if report["fit"].get(k)]
         if image_space:
             factors = getattr(latent_format, "latent_rgb_factors", None)
             if factors is None or len(factors) != x0.shape[2]:
@@ -461,9 +460,18 @@ def kinetics_fit(times, curve, c_text: float) -> dict:
     t = [p[0] for p in points]
     slope, intercept, r2 = fit_line(t, [1.0 / (1.0 - i) for _, i in points])
     slope1, intercept1, r2_1 = fit_line(t, [-math.log(1.0 - i) for _, i in points])
-    return {"points": len(points), "slope": slope, "intercept": intercept, "r2": r2,
-            "k_gen_c_text": slope, "k_gen": slope / c_text,
-            "first_order": {"slope": slope1, "intercept": intercept1, "r2": r2_1, "k_gen": slope1 / c_text}}
+    # An empty prompt, or one weighted 0 throughout, has C_text 0: the slope is still k_gen·C_text, but k_gen is
+    # not defined by it.
+    def per_c_text(value):
+        return value / c_text if c_text > 0 else None
+
+    fit = {"points": len(points), "slope": slope, "intercept": intercept, "r2": r2,
+           "k_gen_c_text": slope, "k_gen": per_c_text(slope),
+           "first_order": {"slope": slope1, "intercept": intercept1, "r2": r2_1, "k_gen": per_c_text(slope1)}}
+    if not c_text > 0:
+        fit["note"] = (f"C_text is {c_text:g} (an empty prompt, or every token weighted 0), so k_gen cannot be read "
+                       "from the slope; k_gen·C_text is given.")
+    return fit
 
 
 def convergence_time(times, curve, threshold: float) -> float | None:

@@ -256,3 +256,12 @@ def test_history_must_be_a_jsonl_file_so_other_user_files_are_never_moved_aside(
     result = kg.update_history(name, report)
     assert not result["saved"] and ".jsonl" in result["error"]
     assert settings.read_text(encoding="utf-8") == '{"Comfy.Locale": "zh"}'
+
+
+def test_a_prompt_with_c_text_zero_gives_the_slope_and_says_why_k_gen_is_missing():
+    times = [0.1 * i for i in range(1, 8)]
+    curve = [1 - 1 / (5.0 * t + 1) for t in times]
+    fit = kg.kinetics_fit(times, curve, 0.0)
+    assert fit["k_gen"] is None and fit["first_order"]["k_gen"] is None
+    assert fit["k_gen_c_text"] == pytest.approx(5.0, rel=1e-6)
+    assert "C_text is 0" in fit["note"] and "empty prompt" in fit["note"]
