@@ -175,11 +175,18 @@ def full_path(folder: str, name: str) -> Path:
 
 
 def diffusers_folder_path(name: str) -> Path:
+    """A model folder inside one of ComfyUI's diffusers folders (links resolved); nothing else, whatever the name
+    says (older ComfyUI passes any string a client sends, such as `../../x` or an absolute path)."""
     for base in folder_paths.get_folder_paths("diffusers"):
-        candidate = Path(base) / name
-        if candidate.is_dir():
+        base = Path(base).resolve()
+        candidate = (base / name).resolve()
+        if candidate != base and candidate.is_relative_to(base) and candidate.is_dir():
             return candidate
-    raise ZImageFileError(f"diffusers/{name}: folder not found in models/diffusers.")
+    # The same words whether or not such a folder exists elsewhere, and no path that leads out: a refusal says
+    # nothing about the disk.
+    plain = not Path(name).is_absolute() and ".." not in Path(name).parts
+    raise ZImageFileError(f"{'diffusers/' + name if plain else 'That diffusers choice'}: not a model folder in "
+                          "models/diffusers. Choose a model from the list.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,6 +263,10 @@ def sharded_headers(folder: Path, what: str) -> list[SafetensorsHeader]:
         except (json.JSONDecodeError, KeyError) as e:
             raise ZImageFileError(f"{indexes[0].name}: the shard index is unreadable ({e}).") from None
         files = sorted(set(weight_map.values()))
+        outside = [f for f in files if not (folder / f).resolve().is_relative_to(folder.resolve())]
+        if outside:
+            raise ZImageFileError(f"{indexes[0].name}: it names a shard outside its folder ({outside[0]!r}); only files "
+                                  "beside the index are read. The index is damaged or not from this model.")
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
             raise ZImageFileError(f"{folder.parent.name}/{folder.name}: shard {missing[0]} named in {indexes[0].name} "

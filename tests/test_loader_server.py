@@ -142,6 +142,53 @@ def test_bad_input_gives_one_clear_node_error_and_the_server_goes_on(client, mod
     assert ok.status == "success", ok.error
 
 
+@pytest.fixture()
+def outside_model(models_dir, tmp_path):
+    """A complete diffusers model folder outside every model folder (next to the models, as an attacker's guess)."""
+    import shutil
+
+    outside = tmp_path / "outside-models" / "secret-zimage"
+    shutil.copytree(models_dir / "diffusers" / "tiny-zimage-turbo-diffusers", outside)
+    (outside / "transformer" / "private-notes.txt").write_text("not for the client")
+    return outside
+
+
+def test_diffusers_names_cannot_reach_a_folder_outside_the_model_folders(client, models_dir, outside_model):
+    """Older ComfyUI passes any combo value a client sends; the loader must still read nothing outside."""
+    import os
+
+    for name in (f"diffusers/{outside_model}", f"diffusers//{outside_model}",
+                 "diffusers/" + os.path.relpath(outside_model, models_dir / "diffusers")):
+        try:
+            result = client.run(sampling_graph(name, prefix="outside"), timeout=120)
+        except PromptRejected:  # newer ComfyUI checks combo values first
+            continue
+        assert result.status == "error", f"{name} loaded a model from outside the model folders"
+        message = result.error["exception_message"]
+        assert "not a model folder in models/diffusers" in message
+        assert "private-notes" not in message and str(outside_model.parent) not in message
+    ok = client.run(sampling_graph("diffusion_models/tiny-zimage-turbo_bf16.safetensors", prefix="after"), timeout=300)
+    assert ok.status == "success", ok.error
+
+
+def test_a_shard_index_naming_a_file_outside_its_folder_is_refused(client, models_dir):
+    import json
+    import shutil
+
+    folder = models_dir / "diffusers" / "broken-index-outside"
+    shutil.copytree(models_dir / "diffusers" / "tiny-zimage-turbo-diffusers", folder, dirs_exist_ok=True)
+    index = next((folder / "transformer").glob("*.index.json"))
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "../../../tiny-zimage-turbo-diffusers/transformer/" + data["weight_map"][first]
+    index.write_text(json.dumps(data))
+    try:
+        result = client.run(sampling_graph("diffusers/broken-index-outside", prefix="index"), timeout=120)
+    except PromptRejected:  # the folder appeared after the server listed its models
+        pytest.skip("this ComfyUI checks the model name against the list it had at start")
+    assert result.status == "error" and "outside its folder" in result.error["exception_message"]
+
+
 def test_a_pickle_file_is_refused(client):
     """A .ckpt is never opened: refused at validation or by the loader, with a message saying why."""
     try:
