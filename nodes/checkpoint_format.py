@@ -83,17 +83,33 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     if not isinstance(header, dict):
         raise ZImageFileError(f"{name}: the safetensors header is corrupt; download the file again.")
     metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
+    tensors, spans = {}, []
     data_len = size - 8 - header_len
     for key, entry in header.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ZImageFileError(f"{name}: tensor entry {key!r} in the header is malformed; the file is corrupt.") from None
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end
+                and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise ZImageFileError(f"{name}: tensor entry {key!r} in the header is malformed; the file is corrupt.")
         if end > data_len:
             raise ZImageFileError(f"{name}: the file is truncated: tensor {key!r} ends at byte {end} of the data, but "
                                   f"only {data_len} bytes are present. Download the file again (resume if you can).")
+        # Every tensor must hold the bytes its shape declares, so a model sized from the header is never larger
+        # than the file (an edited header cannot conjure layers).
+        itemsize = SAFETENSORS_DTYPES.get(dtype)
+        if itemsize is not None and math.prod(shape) * itemsize != end - start:
+            raise ZImageFileError(f"{name}: tensor {key!r} declares shape {list(shape)} ({dtype}) but holds "
+                                  f"{end - start} bytes; the file is corrupt or edited. Download it again.")
         tensors[key] = TensorInfo(dtype, shape, end - start)
+        if end > start:
+            spans.append((start, end, key))
+    spans.sort()
+    for (_, prev_end, prev_key), (start, _, key) in zip(spans, spans[1:], strict=False):
+        if start < prev_end:
+            raise ZImageFileError(f"{name}: tensors {prev_key!r} and {key!r} share bytes; the file is corrupt or "
+                                  "edited. Download it again.")
     return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
 
 
@@ -160,10 +176,30 @@ def describe_foreign_layout(keys) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Diffusion model (NextDiT with Z-Image modulation).
 
-def count_blocks(keys, prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
-    return max(found) + 1 if found else 0
+def count_blocks(shapes: dict, prefix: str, name: str = "the file", same=("norm",)) -> int:
+    """How many blocks `prefix`0., `prefix`1., ... the file holds. The count sizes the model, so it is taken only
+    from blocks that are really there: numbered 0..n-1 without a gap, none of their tensors empty (read_header has
+    checked that each tensor holds its bytes), and each with block 0's tensors whose names contain one of `same`
+    (norm weights, never quantised) at block 0's shapes. One stray key such as `layers.99999999.x`, or a run of
+    empty ones, would otherwise build a model of 10^8 layers from a small file."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.*)")
+    blocks: dict[int, dict] = {}
+    for key, shape in shapes.items():
+        if m := pattern.match(key):
+            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = tuple(shape)
+    if not blocks:
+        return 0
+    n = len(blocks)
+    if max(blocks) != n - 1:
+        missing = next(i for i in range(n + 1) if i not in blocks)  # n blocks, so one of 0..n is absent
+        raise ZImageFileError(f"{name}: its blocks {prefix}N are numbered up to {max(blocks)} but block {missing} is "
+                              "missing; the file is damaged or edited. Download it again.")
+    kept = {k: v for k, v in blocks[0].items() if any(word in k for word in same)}
+    for i, block in blocks.items():
+        if any(math.prod(shape) == 0 for shape in block.values()) or any(block.get(k) != v for k, v in kept.items()):
+            raise ZImageFileError(f"{name}: block {prefix}{i} is empty or does not match {prefix}0; the file is "
+                                  "damaged or edited. Download it again.")
+    return n
 
 
 def default_axes_dims(head_dim: int) -> list[int]:
@@ -205,9 +241,9 @@ def infer_dit_config(shapes: dict[str, tuple], name: str, metadata: dict | None 
     ffn_multiplier, multiple_of = 8.0 / 3.0, 256
     if multiple_of * -(-int(dim * ffn_multiplier) // multiple_of) != hidden:
         ffn_multiplier, multiple_of = hidden / dim, hidden
-    n_layers = count_blocks(shapes, "layers.")
-    n_refiner = count_blocks(shapes, "noise_refiner.")
-    if count_blocks(shapes, "context_refiner.") != n_refiner:
+    n_layers = count_blocks(shapes, "layers.", name)
+    n_refiner = count_blocks(shapes, "noise_refiner.", name)
+    if count_blocks(shapes, "context_refiner.", name) != n_refiner:
         raise ZImageFileError(f"{name}: noise_refiner and context_refiner have different depths; the file is damaged.")
     if shapes["t_embedder.mlp.0.weight"][0] != min(dim, 1024) or shapes["t_embedder.mlp.2.weight"][0] != min(dim, 256):
         raise ZImageFileError(f"{name}: its timestep embedder does not have Z-Image's shape for dim {dim}.")
@@ -261,7 +297,7 @@ def infer_qwen3_config(shapes: dict[str, tuple], name: str) -> dict:
                               "(qwen_3_4b.safetensors).")
     vocab, hidden = shapes["model.embed_tokens.weight"]
     head_dim = shapes[TEXT_ENCODER_MARKER][0]
-    layers = count_blocks(shapes, "model.layers.")
+    layers = count_blocks(shapes, "model.layers.", name)
     if layers < 3:
         raise ZImageFileError(f"{name}: a text encoder with {layers} layers; Z-Image reads the second-to-last "
                               "layer's hidden states, so it needs at least 3.")
@@ -287,7 +323,8 @@ def infer_vae_config(shapes: dict[str, tuple], name: str) -> dict:
         raise ZImageFileError(f"{name}: not an AutoencoderKL VAE (missing {missing[0]}); it looks like "
                               f"{describe_foreign_layout(shapes)}. Z-Image uses the Flux VAE (ae.safetensors).")
     ch = shapes["encoder.conv_in.weight"][0]
-    levels = count_blocks(shapes, "encoder.down.")
+    levels = count_blocks({k: v for k, v in shapes.items() if k.startswith("encoder.down.") and k.endswith(
+        ".block.0.conv2.weight")}, "encoder.down.", name, same=())
     ch_mult = [shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels)]
     z_channels = shapes[VAE_MARKER][1]
     if z_channels != 16:
@@ -301,7 +338,8 @@ def infer_vae_config(shapes: dict[str, tuple], name: str) -> dict:
         "out_ch": shapes["decoder.conv_out.weight"][0],
         "ch": ch,
         "ch_mult": ch_mult,
-        "num_res_blocks": count_blocks(shapes, "encoder.down.0.block."),
+        "num_res_blocks": count_blocks({k: v for k, v in shapes.items() if k.startswith("encoder.down.0.block.")
+                                        and k.endswith(".conv2.weight")}, "encoder.down.0.block.", name, same=()),
         "attn_resolutions": [],
         "dropout": 0.0,
     }

@@ -155,6 +155,55 @@ def test_read_header_detects_truncation_and_refuses_pickles(tmp_path):
     assert header.tensors["w"].shape == (2, 4) and header.nbytes == 16 and header.metadata["zimage.variant"] == "base"
 
 
+def test_a_header_cannot_declare_more_than_the_file_holds(tmp_path):
+    """Each tensor must hold the bytes its shape declares, and no two may share bytes: a model sized from the
+    header is never larger than the file."""
+    path = tmp_path / "inflated.safetensors"
+    write_raw(path, b'{"layers.0.w": {"dtype": "BF16", "shape": [3840, 11520], "data_offsets": [0, 0]}}')
+    with pytest.raises(ZImageFileError, match=r"inflated.safetensors: tensor 'layers.0.w' declares shape \[3840, 11520\]"):
+        read_header(path)
+    write_raw(path, b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, '
+                    b'"b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}', bytes(24))
+    with pytest.raises(ZImageFileError, match="share bytes"):
+        read_header(path)
+    write_raw(path, b'{"a": {"dtype": "F32", "shape": [-4], "data_offsets": [16, 0]}}', bytes(16))
+    with pytest.raises(ZImageFileError, match="malformed"):
+        read_header(path)
+
+
+def stray_blocks(shapes: dict, prefix: str, first: int, count: int, empty: bool) -> dict:
+    """Block entries a header edit could add: copies of block 0's names, empty (shape 0) or real-shaped."""
+    block0 = {k[len(prefix) + 2:]: v for k, v in shapes.items() if k.startswith(prefix + "0.")}
+    return {f"{prefix}{i}.{k}": ((0,) if empty else v) for i in range(first, first + count) for k, v in block0.items()}
+
+
+@pytest.mark.parametrize("what", ["gap", "empty"])
+def test_block_counts_come_only_from_blocks_that_are_there(turbo_6b_shapes, what):
+    """One stray key `layers.99999999.…`, or a run of empty blocks, must not size a model of 10^8 layers."""
+    import time
+
+    from devtools.checkpoint_fixtures import tiny_qwen3, tiny_vae
+
+    te = {k: tuple(v.shape) for k, v in tiny_qwen3().items()}
+    vae = {k: tuple(v.shape) for k, v in tiny_vae().items()}
+    if what == "gap":
+        cases = [(infer_dit_config, {**turbo_6b_shapes, "layers.99999999.attention.qkv.weight": (0,)}, "99999999"),
+                 (infer_qwen3_config, {**te, "model.layers.99999999.self_attn.q_proj.weight": (0,)}, "99999999"),
+                 (infer_vae_config, {**vae, "encoder.down.0.block.99999999.conv2.weight": (32, 32, 3, 3)}, "99999999")]
+    else:
+        cases = [(infer_dit_config, {**turbo_6b_shapes, **stray_blocks(turbo_6b_shapes, "layers.", 30, 1000, True)},
+                  "layers.30"),
+                 (infer_qwen3_config, {**te, **stray_blocks(te, "model.layers.", 3, 1000, True)}, "model.layers.3"),
+                 (infer_vae_config, {**vae, **stray_blocks(vae, "encoder.down.0.block.", 2, 1000, True)},
+                  "encoder.down.0.block.2")]
+    for infer, shapes, words in cases:
+        start = time.perf_counter()
+        with pytest.raises(ZImageFileError) as e:
+            infer(shapes, "edited.safetensors")
+        assert "edited.safetensors" in str(e.value) and words in str(e.value) and "edited" in str(e.value)
+        assert time.perf_counter() - start < 5
+
+
 def test_lumina2_and_foreign_layouts_are_named():
     with pytest.raises(ZImageFileError, match="Lumina-2"):
         infer_dit_config({"layers.0.adaLN_modulation.1.weight": (1,)}, "lumina.safetensors")
