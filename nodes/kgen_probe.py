@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import textwrap
 import threading
 import time
@@ -108,7 +107,8 @@ class ZImageKGenReport(io.ComfyNode):
                 io.Boolean.Input("save_history", default=True,
                                  tooltip="Append this run to the history file and fit Arrhenius over it."),
                 io.String.Input("history_file", default=DEFAULT_HISTORY,
-                                tooltip="JSON-lines file, relative to ComfyUI's user directory (it cannot leave it)."),
+                                tooltip="JSON-lines file in the plugin's folder zimage-kgen/ of ComfyUI's user "
+                                        "directory, given relative to the user directory (it cannot leave that folder)."),
                 io.String.Input("filename_prefix", default="zimage-kgen/run",
                                 tooltip="The report's JSON is saved in the output directory under this prefix."),
             ],
@@ -493,31 +493,43 @@ def arrhenius(points: list[tuple[float, float]]) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # History, saved JSON, plots.
 
+HISTORY_FOLDER = "zimage-kgen"  # under ComfyUI's user directory: every file in it is this plugin's
+
+
 def history_path(name: str) -> Path:
-    """The history file under ComfyUI's user directory; anything that would leave it is refused."""
-    base = Path(folder_paths.get_user_directory()).resolve()
-    path = (base / name).resolve()
-    if not name.strip() or path == base or not path.is_relative_to(base):
-        raise KGenError(f"history_file {name!r} is outside ComfyUI's user directory ({base}); give a path inside it, "
-                        f"such as {DEFAULT_HISTORY!r}.")
-    if path.suffix != ".jsonl" or path.is_dir():  # never take over (or move aside) another file of the user directory
+    """The history file, inside the plugin's own folder of ComfyUI's user directory; anything else is refused, so
+    another tool's file is never touched."""
+    user = Path(folder_paths.get_user_directory()).resolve()
+    ours = (user / HISTORY_FOLDER).resolve()
+    path = (user / name).resolve() if name.strip() and "\0" not in name else ours
+    if not path.is_relative_to(ours) or path == ours:
+        raise KGenError(f"history_file {name!r} is outside the plugin's folder {HISTORY_FOLDER}/ of ComfyUI's user "
+                        f"directory; give a file in it, such as {DEFAULT_HISTORY!r}.")
+    if path.suffix != ".jsonl" or path.is_dir():
         raise KGenError(f"history_file {name!r} must name a .jsonl file, such as {DEFAULT_HISTORY!r}.")
     return path
 
 
 def read_history(path: Path) -> tuple[list[dict], str | None]:
-    """The history's entries; a file that is not valid JSON lines is moved aside and a new one started."""
+    """The history's entries. JSON lines end at "\\n" only (a label may hold U+2028, which str.splitlines would
+    split on); a line that is not a JSON object is skipped and counted, and the file is left as it is."""
     if not path.exists():
         return [], None
-    try:
-        entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not all(isinstance(e, dict) for e in entries):
-            raise ValueError("a line is not a JSON object")
-        return entries, None
-    except (ValueError, UnicodeDecodeError) as e:
-        backup = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}.bak")
-        os.replace(path, backup)
-        return [], f"The history file was not valid JSON lines ({e}); it was kept as {backup.name} and a new one started."
+    entries, bad = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").split("\n"):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            bad += 1
+    problem = (f"{bad} line(s) of {path.name} are not k_gen runs and were left out of the fit (the file is kept as "
+               "it is)." if bad else None)
+    return entries, problem
 
 
 def update_history(name: str, report: dict) -> dict:

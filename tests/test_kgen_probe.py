@@ -223,25 +223,40 @@ def test_history_appends_and_fits_arrhenius_over_three_temperatures(dirs):
     assert len(history.read_text(encoding="utf-8").splitlines()) == 6
 
 
-def test_corrupt_history_is_kept_aside_and_a_new_one_started(dirs):
+def run_report(**overrides) -> dict:
+    return {"label": "x", "device": "cpu", "resolution": "64x64", "batch": 1, "nfe": 2, "seconds": 0.5, "k_gen": 4.0,
+            "messages": [], **overrides}
+
+
+def test_lines_that_are_not_runs_are_skipped_and_the_file_is_never_moved(dirs):
     history = dirs / "user" / "zimage-kgen" / "history.jsonl"
     history.parent.mkdir(parents=True)
-    history.write_text('{"k_gen": 1}\nnot json at all\n', encoding="utf-8")
-    report = {"label": "x", "device": "cpu", "resolution": "64x64", "batch": 1, "nfe": 2, "seconds": 0.5, "k_gen": 4.0,
-              "messages": []}
+    history.write_text('{"k_gen": 1}\nnot json at all\n[1, 2]\n', encoding="utf-8")
+    report = run_report()
     result = kg.update_history(kg.DEFAULT_HISTORY, report)
-    assert result["saved"] and result["runs"] == 1
-    backups = list(history.parent.glob("history.jsonl.corrupt-*.bak"))
-    assert len(backups) == 1 and "not json at all" in backups[0].read_text(encoding="utf-8")
-    assert any("kept as" in m for m in report["messages"])
+    assert result["saved"] and result["runs"] == 2
+    assert history.read_text(encoding="utf-8").startswith('{"k_gen": 1}\nnot json at all\n[1, 2]\n')
+    assert sorted(p.name for p in history.parent.iterdir()) == ["history.jsonl"]
+    assert any("2 line(s)" in m and "kept as it is" in m for m in report["messages"])
 
 
-@pytest.mark.parametrize("name", ["../escape.jsonl", "/etc/kgen.jsonl", "a/../../b.jsonl", ""])
+def test_a_label_with_a_line_separator_reads_back_as_one_run(dirs):
+    for label in ("a\u2028b", "c\u2029d\x85e", "汉服\u000b"):
+        kg.update_history(kg.DEFAULT_HISTORY, run_report(label=label))
+    report = run_report()
+    result = kg.update_history(kg.DEFAULT_HISTORY, report)
+    assert result["saved"] and result["runs"] == 4 and not any("line(s)" in m for m in report["messages"])
+    entries, problem = kg.read_history(dirs / "user" / "zimage-kgen" / "history.jsonl")
+    assert problem is None and [e["label"] for e in entries][:3] == ["a\u2028b", "c\u2029d\x85e", "汉服\u000b"]
+
+
+@pytest.mark.parametrize("name", ["../escape.jsonl", "/etc/kgen.jsonl", "a/../../b.jsonl", "", "other-tool/runs.jsonl",
+                                  "zimage-kgen/../other.jsonl", "zimage-kgen/a\0b.jsonl"])
 def test_history_path_outside_the_user_directory_is_refused(dirs, name):
     report = {"label": "x", "device": "cpu", "resolution": "64x64", "batch": 1, "nfe": 2, "seconds": 0.5, "k_gen": 4.0,
               "messages": []}
     result = kg.update_history(name, report)
-    assert not result["saved"] and "outside ComfyUI's user directory" in result["error"]
+    assert not result["saved"] and "outside the plugin's folder zimage-kgen/" in result["error"]
     assert not (dirs / "escape.jsonl").exists()
 
 
