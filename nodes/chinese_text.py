@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import unicodedata
@@ -31,6 +32,9 @@ log = logging.getLogger("comfyui-zimage")
 
 PromptStats = io.Custom("ZIMAGE_PROMPT_STATS")  # read by the k_gen report (its "c_text")
 MAX_TOKENS = 512  # Z-Image's trained maximum prompt length (the official pipeline's max_sequence_length)
+# 512 tokens are a few thousand characters; a prompt many times longer is a mistake (or an attack on the server's
+# time), refused before any parsing or tokenising.
+MAX_PROMPT_CHARS = 20_000
 TEMPLATES = {"z-image chat": None, "raw": "{}"}  # None: the tokenizer's own (ComfyUI's Z-Image chat template)
 CHAT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 QUOTES = {"“": "”", '"': '"', "「": "」", "『": "』"}
@@ -103,9 +107,51 @@ class Segment:
 
 
 def parse(text: str) -> list[Segment]:
-    """Split a prompt into segments with weights. Never raises: anything that is not valid syntax is text."""
+    """Split a prompt into segments with weights. Never raises: anything that is not valid syntax is text.
+
+    Linear in the prompt's length and iterative (no recursion): every bracket's partner and every quote's closing
+    mark are found in one pass each, then one walk emits the segments."""
+    closes = bracket_partners(text)
+    quote_end = next_quote_closes(text)
     segments: list[Segment] = []
-    _parse(text, 0, len(text), 1.0, segments)
+    frames: list[tuple[int, float, str, int]] = []  # the enclosing range: (end, weight, text after it, resume at)
+    i, end, weight, buf = 0, len(text), 1.0, []
+
+    def flush():
+        if buf:
+            segments.append(Segment("".join(buf), weight))
+            buf.clear()
+
+    while True:
+        if i >= end:
+            flush()
+            if not frames:
+                break
+            end, weight, tail, i = frames.pop()
+            buf.append(tail)
+            continue
+        c = text[i]
+        if c == "\\" and i + 1 < end and text[i + 1] in OPEN + CLOSE + "\\":
+            buf.append(text[i + 1])
+            i += 2
+        elif c in QUOTES and (j := quote_end[c][i]) < end:
+            flush()
+            segments.append(Segment(text[i:j + 1], weight, quoted=True))
+            i = j + 1
+        elif c in OPEN and (j := closes.get(i, end)) < end:
+            inner_end, group_weight = group(text, i + 1, j, c == "(")
+            if group_weight is None:  # a bare full-width bracket: ordinary text, its inside still parsed
+                buf.append(c)
+                flush()
+                frames.append((end, weight, text[j], j + 1))
+                i, end = i + 1, j
+            else:
+                flush()
+                frames.append((end, weight, "", j + 1))
+                i, end, weight = i + 1, inner_end, weight * group_weight
+        else:
+            buf.append(c)
+            i += 1
     merged: list[Segment] = []
     for s in segments:  # neighbours with the same weight and kind become one
         if merged and merged[-1].weight == s.weight and merged[-1].quoted == s.quoted and s.text:
@@ -115,75 +161,58 @@ def parse(text: str) -> list[Segment]:
     return merged
 
 
-def _parse(text: str, start: int, end: int, weight: float, out: list[Segment]) -> None:
-    i, buf = start, []
-
-    def flush():
-        if buf:
-            out.append(Segment("".join(buf), weight))
-            buf.clear()
-
-    while i < end:
-        c = text[i]
-        if c == "\\" and i + 1 < end and text[i + 1] in OPEN + CLOSE + "\\":
-            buf.append(text[i + 1])
-            i += 2
-        elif c in QUOTES and (j := text.find(QUOTES[c], i + 1, end)) != -1:
-            flush()
-            out.append(Segment(text[i:j + 1], weight, quoted=True))
-            i = j + 1
-        elif c in OPEN and (j := matching(text, i, end)) != -1:
-            inner, group_weight = group(text[i + 1:j], c == "(")
-            if group_weight is None:  # a bare full-width bracket: ordinary text, its inside still parsed
-                buf.append(c)
-                flush()
-                _parse(text, i + 1, j, weight, out)
-                buf.append(text[j])
-            else:
-                flush()
-                _parse(text, i + 1, i + 1 + len(inner), weight * group_weight, out)
-            i = j + 1
-        else:
-            buf.append(c)
-            i += 1
-    flush()
+def next_quote_closes(text: str) -> dict[str, list[int]]:
+    """For each opening quote mark, the index of the next closing mark after each position (len(text) if none)."""
+    out = {}
+    for opening, closing in QUOTES.items():
+        nxt, after = [len(text)] * (len(text) + 1), len(text)
+        for k in range(len(text) - 1, -1, -1):
+            nxt[k] = after  # the first closing mark after k
+            if text[k] == closing:
+                after = k
+        out[opening] = nxt
+    return out
 
 
-def matching(text: str, i: int, end: int) -> int:
-    """Index of the bracket closing the one at i (either width closes either), or -1."""
-    depth, k = 0, i
-    while k < end:
+def bracket_partners(text: str) -> dict[int, int]:
+    """{index of an opening bracket: index of the bracket closing it}, either width closing either. A backslash
+    hides the bracket or backslash after it, and a quotation that closes hides its brackets (as `parse` reads them)."""
+    quote_end = next_quote_closes(text)
+    partners, stack, k = {}, [], 0
+    while k < len(text):
         c = text[k]
-        if c == "\\":
+        if c == "\\" and k + 1 < len(text) and text[k + 1] in OPEN + CLOSE + "\\":
             k += 2
             continue
-        if c in QUOTES and (q := text.find(QUOTES[c], k + 1, end)) != -1:
-            k = q + 1
+        if c in QUOTES and quote_end[c][k] < len(text):
+            k = quote_end[c][k] + 1
             continue
         if c in OPEN:
-            depth += 1
-        elif c in CLOSE:
-            depth -= 1
-            if depth == 0:
-                return k
+            stack.append(k)
+        elif c in CLOSE and stack:
+            partners[stack.pop()] = k
         k += 1
-    return -1
+    return partners
 
 
-WEIGHT = re.compile(r"^(.*)[:：]\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$", re.DOTALL)
+WEIGHT_SUFFIX = re.compile(r"[:：]\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$")
+WEIGHT_SUFFIX_CHARS = 64  # a `:weight` ends a group within this many characters; longer is not a weight
 FULL_WIDTH_MAX_WEIGHT = 3.0
 
 
-def group(inner: str, ascii_bracket: bool) -> tuple[str, float | None]:
-    """(text, weight) of a bracket group: an explicit `:w` / `：w`, else 1.1 for ASCII brackets and None
-    (not a weight) for full-width ones. Chinese text puts ratios and scores in full-width brackets —
-    （画幅比例 16：9）, （比分 3：1） — so there a weight needs a non-digit before the colon and at most 3."""
-    m = WEIGHT.match(inner)
+def group(text: str, start: int, end: int, ascii_bracket: bool) -> tuple[int, float | None]:
+    """(where the group's text ends, its weight) for the group text[start:end]: an explicit `:w` / `：w`, else 1.1
+    for ASCII brackets and None (not a weight) for full-width ones. Chinese text puts ratios and scores in
+    full-width brackets — （画幅比例 16：9）, （比分 3：1） — so there a weight needs a non-digit before the
+    colon and at most 3. Only the group's end is read, so nested groups cost linear time in all."""
+    tail_start = max(start, end - WEIGHT_SUFFIX_CHARS)
+    m = WEIGHT_SUFFIX.search(text, tail_start, end)
     if m:
-        text, weight = m.group(1), float(m.group(2))
-        if ascii_bracket or (text.rstrip()[-1:] and not text.rstrip()[-1].isdigit() and weight <= FULL_WIDTH_MAX_WEIGHT):
-            return text, weight
-    return inner, (1.1 if ascii_bracket else None)
+        colon, weight = m.start(), float(m.group(1))
+        before = text[max(start, colon - WEIGHT_SUFFIX_CHARS):colon].rstrip()
+        if ascii_bracket or (before[-1:] and not before[-1].isdigit() and weight <= FULL_WIDTH_MAX_WEIGHT):
+            return colon, weight
+    return end, (1.1 if ascii_bracket else None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,8 +268,17 @@ def prepare(clip, text: str, normalise: bool = True, template: str = "z-image ch
     characters only when there are weights to place or a tail to cut. Needs only the CLIP's tokenizer."""
     if template not in TEMPLATES:
         raise TextEncodeError(f"template {template!r} is not one of {', '.join(TEMPLATES)}.")
+    if len(text or "") > MAX_PROMPT_CHARS:
+        raise TextEncodeError(f"The prompt is {len(text):,} characters; this node takes at most {MAX_PROMPT_CHARS:,} "
+                              f"and Z-Image reads only its first {MAX_TOKENS} tokens (a few thousand characters). "
+                              "Shorten the prompt.")
     inner = qwen_tokenizer(clip)
     segments = parse(text or "")
+    unbounded = next((s for s in segments if not math.isfinite(s.weight)), None)
+    if unbounded is not None:
+        raise TextEncodeError(f"The weights around {unbounded.text[:40]!r} multiply to {unbounded.weight} (brackets nested "
+                              "too deep, or a weight too large); use one bracket with the weight you want, such as "
+                              "(汉服:1.5).")
     if normalise:
         segments = normalise_segments(segments)
     # the tokenizer composes to NFC itself; doing it first keeps the characters and the tokens in step
@@ -412,8 +450,8 @@ class TokenizerOnly:
 
 _TOKENIZER: TokenizerOnly | None = None
 _TOKENIZER_LOCK = threading.Lock()
-# 512 tokens are at most a few thousand characters; counting further would only cost the server time
-# (the parser is quadratic in unmatched brackets), so a longer prompt is counted on its start and said so.
+# 512 tokens are at most a few thousand characters; counting further would only cost the server time, so a longer
+# prompt is counted on its start and said so.
 MAX_COUNTED_CHARS = 4000
 
 
@@ -427,13 +465,22 @@ def count_tokens(text: str, normalise: bool = True, template: str = "z-image cha
     return {k: stats[k] for k in keys} | {"warning": stats.get("warning", ""), "capped": len(text) > MAX_COUNTED_CHARS}
 
 
+# Token counts run one at a time, so a flood of them cannot take the CPU from prompts being sampled; past this many
+# waiting, a request is told to come back (the canvas asks again on the next keystroke).
+MAX_WAITING_COUNTS = 8
+
+
 def add_routes(routes) -> None:
     import asyncio
 
     from aiohttp import web
 
+    one_at_a_time = asyncio.Semaphore(1)
+    waiting = 0
+
     @routes.post("/zimage/tokens")
     async def tokens(request):
+        nonlocal waiting
         try:
             body = await request.json()
             if not isinstance(body, dict) or not isinstance(body.get("text", ""), str):
@@ -441,11 +488,18 @@ def add_routes(routes) -> None:
             normalise, template = body.get("normalise", True), body.get("template", "z-image chat")
             if not isinstance(normalise, bool) or not isinstance(template, str):
                 raise TextEncodeError("'normalise' must be true or false and 'template' a template name.")
-            # off the event loop, so that a long prompt never holds up the server's other requests
-            stats = await asyncio.to_thread(count_tokens, body.get("text", ""), normalise, template)
+            if waiting >= MAX_WAITING_COUNTS:
+                return web.json_response({"error": "The token counter is busy; ask again in a moment."}, status=429,
+                                         headers={"Retry-After": "1"})
+            waiting += 1
+            try:
+                async with one_at_a_time:  # off the event loop, and one count at a time
+                    stats = await asyncio.to_thread(count_tokens, body.get("text", ""), normalise, template)
+            finally:
+                waiting -= 1
             return web.json_response(stats)
         except ValueError as e:  # bad JSON or a bad option: say what, keep serving
             return web.json_response({"error": str(e)}, status=400)
-        except Exception as e:  # e.g. brackets nested past Python's recursion limit: still an answer, in JSON
+        except Exception as e:  # still an answer, in JSON
             log.exception("Z-Image token count failed")
             return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=500)

@@ -173,3 +173,27 @@ def test_raw_template_and_statistics(clip):
 def test_a_clip_that_is_not_qwen_is_refused():
     with pytest.raises(ct.TextEncodeError, match="not Z-Image's Qwen3"):
         ct.encode(types.SimpleNamespace(tokenizer=types.SimpleNamespace()), "红色")
+
+
+@pytest.mark.parametrize("text", ["(" * 100_000, "（" * 50_000 + ")" * 50_000, "“" * 100_000,
+                                  "(" * 30_000 + "a" + ")" * 30_000, "\\(" * 50_000, "(a:1.2" * 20_000])
+def test_the_parser_is_linear_and_never_recurses(text):
+    """Brackets that never close, 30 000 levels of nesting, quotes that never close: each parsed at once."""
+    import time
+
+    start = time.perf_counter()
+    segments = ct.parse(text)
+    assert time.perf_counter() - start < 2.0
+    assert sum(len(s.text) for s in segments) <= len(text)
+
+
+def test_nesting_that_multiplies_to_infinity_is_refused_with_a_message():
+    deep = "(" * 8000 + "汉服" + ")" * 8000  # 1.1 ** 8000 overflows
+    assert ct.parse(deep)[0].weight == float("inf")
+    with pytest.raises(ct.TextEncodeError, match="multiply to inf"):
+        ct.prepare(ct.TokenizerOnly(), deep)
+
+
+def test_a_prompt_far_longer_than_z_image_reads_is_refused_before_any_work():
+    with pytest.raises(ct.TextEncodeError, match="at most 20,000"):
+        ct.prepare(ct.TokenizerOnly(), "猫" * 20_001)

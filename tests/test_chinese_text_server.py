@@ -120,3 +120,19 @@ def test_token_count_route_agrees_with_the_node_and_reports_the_cut(client):
     status, capped = client.post_json("/zimage/tokens", {"text": "红色圆形" * 2000})
     assert status == 200 and capped["capped"] and capped["truncated"]
     assert client.system_stats()  # and the server keeps serving
+
+
+def test_a_flood_of_worst_case_token_counts_is_answered_quickly_and_prompts_still_run(client):
+    """40 concurrent counts of 4 000 unclosed brackets (each took 2.7 s of CPU with a quadratic parser): every one
+    is answered, counted or told to come back, and a prompt queued meanwhile runs."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        answers = list(pool.map(lambda i: client.post_json("/zimage/tokens", {"text": "(" * 4000 + str(i)}), range(40)))
+        assert client.run(graph("白色背景上的三个黄色星形", "flood"), timeout=120).status == "success"
+    assert {status for status, _ in answers} <= {200, 429}
+    assert any(status == 200 for status, _ in answers)
+    assert all("busy" in body["error"] for status, body in answers if status == 429)
+    assert time.monotonic() - start < 60

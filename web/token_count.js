@@ -66,6 +66,7 @@ function attachCounter(node) {
     }
     const answer = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
     if (ticket !== asked) return; // a newer keystroke already asked
+    if (response.status === 429) return setTimeout(recount, 1000); // the server is counting for others: ask again
     if (response.ok) show(el, answer);
     else say(el, `token count unavailable: ${answer.error ?? response.status}`);
   };
