@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import comfy.model_management as mm
 import comfy.utils
+import psutil
 import torch
 import torch.nn.functional as F
 from comfy.ldm.models.autoencoder import AutoencodingEngineLegacy
@@ -246,10 +248,32 @@ def parse_tile_size(tile_size: str | int) -> int | None:
     return value - value % 8
 
 
+CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def host_free_memory(cgroup_files=CGROUP_FILES) -> int:
+    """RAM this process may still take: what the machine has available, or less where its container's memory
+    limit leaves less (a container sees the host's free RAM, and is killed at its own limit)."""
+    free = int(psutil.virtual_memory().available)
+    for limit_file, usage_file in cgroup_files:
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number: no limit
+            free = min(free, int(limit) - usage)
+    return max(free, 0)
+
+
+def free_memory(device) -> int:
+    return host_free_memory() if torch.device(device).type == "cpu" else mm.get_free_memory(device)
+
+
 def auto_tile(vae, latent_shape, device, store_bytes: int) -> int:
     """The largest tile whose working memory, by the VAE's own estimate, fits what is free after the stored
     activations (CUDA free memory, or available RAM on the CPU)."""
-    free = mm.get_free_memory(device) - store_bytes
+    free = free_memory(device) - store_bytes
     side = max(latent_shape[2], latent_shape[3]) * 8
     for pixels in (1024, 768, 512, 384, 256, 128):
         lat = pixels // 8
@@ -287,6 +311,10 @@ def run_tiled(vae, work: Callable[[Budget], torch.Tensor], latent_shape, tile: i
         raise TiledVAEError(f"keep_activations {keep!r} is not one of {', '.join(KEEP)}.")
     on_device = device.type != "cpu" and (keep == "gpu" or (keep == "auto" and store_bytes < 0.6 * mm.get_free_memory(device)))
     store = device if on_device else torch.device("cpu")
+    if store.type == "cpu" and store_bytes > 0.9 * host_free_memory():
+        raise TiledVAEError(f"This image needs {store_bytes / 2**30:.1f} GiB of activations kept in RAM, more than the "
+                            f"{host_free_memory() / 2**30:.1f} GiB this process may still use (free RAM, or its "
+                            "container's limit). Decode a smaller image, or free memory first.")
     if tile is None:
         tile = auto_tile(vae, latent_shape, device, store_bytes if store == device or device.type == "cpu" else 0)
     while True:

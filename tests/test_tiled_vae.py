@@ -196,3 +196,22 @@ def test_auto_tile_fits_the_free_memory():
     assert tiled_vae.MIN_TILE <= tile <= 1024
     lat = tile // 8
     assert vae.memory_used_decode((1, 16, lat, lat), vae.vae_dtype) <= 0.5 * mm.get_free_memory(torch.device("cpu"))
+
+
+def test_host_memory_counts_the_containers_limit(tmp_path):
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{3 << 30}\n")
+    usage.write_text(f"{1 << 30}\n")
+    assert tiled_vae.host_free_memory(((str(limit), str(usage)),)) == min(2 << 30, tiled_vae.host_free_memory(()))
+    limit.write_text("max\n")  # no limit: the machine's available RAM
+    assert tiled_vae.host_free_memory(((str(limit), str(usage)),)) == tiled_vae.host_free_memory(())
+
+
+def test_activations_that_cannot_fit_in_ram_are_refused_before_any_work(monkeypatch):
+    vae = make_vae("nano")
+    monkeypatch.setattr(tiled_vae, "host_free_memory", lambda *a: 1 << 20)  # 1 MiB left to this process
+    calls = []
+    monkeypatch.setattr(tiled_vae.Conv, "apply", lambda *a, **k: calls.append(1))
+    with pytest.raises(tiled_vae.TiledVAEError, match=r"GiB of activations kept in RAM, more than the 0\.0 GiB"):
+        tiled_decode(vae, latent(vae, 1, 64, 64), tile_size="64")
+    assert calls == []
