@@ -127,12 +127,16 @@ class ZImageKGenReport(io.ComfyNode):
             c_text, c_text_source = float(prompt_stats["c_text"]), "prompt statistics"
         else:
             c_text_source = "c_text input" if c_text != DEFAULT_C_TEXT else "default (1.0)"
+        for name, value in (("c_text", c_text), ("convergence_threshold", convergence_threshold)):
+            if not math.isfinite(value):
+                raise KGenError(f"{name} is {value}; give a finite number (c_text > 0, a threshold between 0 and 1).")
         report = make_report(record, samples["samples"], c_text, convergence_threshold, image_space)
         report["c_text_source"] = c_text_source
+        report = finite_figures(report)
         if save_history and report.get("k_gen") is not None:
             report["history"] = update_history(history_file, report)
         report["saved_to"] = save_json(filename_prefix, report)
-        text = json.dumps(report, ensure_ascii=False)
+        text = json.dumps(report, ensure_ascii=False, allow_nan=False)
         image = plot(report)
         lines = summary_lines(report)
         out_ui = ui.PreviewImage(image, cls=cls).as_dict()
@@ -564,6 +568,28 @@ def update_history(name: str, report: dict) -> dict:
     return {"saved": True, "file": str(path.relative_to(Path(folder_paths.get_user_directory()).resolve())),
             "runs": len(entries), "runs_same_key": len([e for e in entries if key(e) == key(entry)]),
             "arrhenius": fit, "arrhenius_points": [(e["temperature_c"], e["k_gen"]) for e in same]}
+
+
+def finite_figures(report: dict) -> dict:
+    """The report with every NaN or infinity given as null (and said so): the JSON stays standard, which browsers
+    and other clients parse, where Python would write NaN and Infinity."""
+    replaced = []
+
+    def clean(value, path):
+        if isinstance(value, float) and not math.isfinite(value):
+            replaced.append(path)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = clean(report, "")
+    if replaced:
+        out.setdefault("messages", []).append(f"{len(replaced)} figure(s) were not finite (NaN or infinity), e.g. "
+                                              f"{replaced[0]}, and are given as null.")
+    return out
 
 
 def save_json(prefix: str, report: dict) -> str:

@@ -557,17 +557,21 @@ def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dt
     assign_weights(model.diffusion_model, tensors, part.label)
     del tensors
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CONTROL_CHECK_KEY,
-                                 refuse_controlnets_of_another_width)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GUARD_KEY, guard_model_call)
     return patcher
 
 
-CONTROL_CHECK_KEY = "zimage-controlnet-width"
+GUARD_KEY = "zimage-guard"
 
 
-def refuse_controlnets_of_another_width(executor, x, *args, **kwargs):
-    """Core's Z-Image ControlNet patches (`ZImageFunControlnet`) add their hints to the model's hidden states, so
-    they fit only a model of their own width; any other would fail deep in the first block with a shape error."""
+class NonFiniteOutput(RuntimeError):
+    """The diffusion model computed NaN or infinity: the image would come out black."""
+
+
+def guard_model_call(executor, x, timesteps, *args, **kwargs):
+    """Around every call of the diffusion model: refuse a ControlNet made for another width before it fails deep in
+    the first block, and stop at the first non-finite output with the step it came from and the usual causes,
+    instead of finishing an all-black image. (The check reads one boolean from the device per model call.)"""
     width = executor.class_obj.dim
     patches = kwargs.get("transformer_options", {}).get("patches", {})
     for patch in patches.get("noise_refiner", []) + patches.get("double_block", []):
@@ -579,7 +583,16 @@ def refuse_controlnets_of_another_width(executor, x, *args, **kwargs):
                                   f"model is {width} wide" + (" (a nano model)" if width < 1024 else "") + ". Use it "
                                   "with the Z-Image model it was trained for (the real Z-Image Turbo/Base files), or "
                                   "bypass the ControlNet node.")
-    return executor(x, *args, **kwargs)
+    out = executor(x, timesteps, *args, **kwargs)
+    if not bool(torch.isfinite(out).all()):
+        where = "its input was already non-finite" if not bool(torch.isfinite(x).all()) else "in the model itself"
+        sigma = float(timesteps.flatten()[0])  # a flow model's timestep is its sigma
+        raise NonFiniteOutput(
+            f"The diffusion model produced NaN or infinite values at sigma {sigma:.3f} ({where}), which would make a "
+            "black image. Usual causes: fp16 compute on a model that needs bf16 or fp32 (set the loader's "
+            "compute_dtype to bf16), an attention backend or patch (SageAttention, a quantised kernel), NaN or "
+            "infinite weights in the file, or a NaN/infinite cfg, shift or prompt weight.")
+    return out
 
 
 def refuse_unplaced(part: Part, wanted) -> None:

@@ -134,6 +134,10 @@ def tiled_decode(vae, samples: torch.Tensor, tile_size="auto", keep: str = "auto
     vae.throw_exception_if_invalid()
     model = autoencoder_of(vae)
     check_latent(vae, samples)
+    if not bool(torch.isfinite(samples).all()):
+        raise TiledVAEError("The latent holds NaN or infinite values: the sampler (or the node before this one) made "
+                            "them, not the VAE. See that node; with Z-Image, fp16 compute is the usual cause (set the "
+                            "loader's compute_dtype to bf16).")
     tile = parse_tile_size(tile_size)
     _, _, h, w = samples.shape
     dec: Decoder = model.decoder
@@ -160,6 +164,10 @@ def tiled_decode(vae, samples: torch.Tensor, tile_size="auto", keep: str = "auto
 
     out = run_tiled(vae, work, samples.shape, tile, keep, steps, max(h, w) * scale,
                     stored_bytes(model, samples.shape, vae.vae_dtype))
+    if not bool(torch.isfinite(out).all()):
+        raise TiledVAEError("The VAE decoded NaN or infinite values, which would make a black image. Usual causes: the "
+                            "VAE running in fp16 (start ComfyUI with --fp32-vae or --bf16-vae), or NaN/infinite weights "
+                            "in the VAE file (download it again).")
     with torch.inference_mode():  # `out` was made there, and newer core's process_output works in place
         return vae.process_output(out).movedim(1, -1)
 

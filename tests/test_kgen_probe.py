@@ -280,3 +280,12 @@ def test_a_prompt_with_c_text_zero_gives_the_slope_and_says_why_k_gen_is_missing
     assert fit["k_gen"] is None and fit["first_order"]["k_gen"] is None
     assert fit["k_gen_c_text"] == pytest.approx(5.0, rel=1e-6)
     assert "C_text is 0" in fit["note"] and "empty prompt" in fit["note"]
+
+
+def test_non_finite_figures_become_null_so_the_json_stays_standard():
+    report = kg.finite_figures({"k_gen": float("nan"), "fit": {"slope": float("inf"), "r2": 0.5},
+                                "convergence": [0.1, float("-inf")], "messages": []})
+    assert report["k_gen"] is None and report["fit"] == {"slope": None, "r2": 0.5}
+    assert report["convergence"] == [0.1, None]
+    assert json.loads(json.dumps(report, allow_nan=False)) == report
+    assert "3 figure(s) were not finite" in report["messages"][0]

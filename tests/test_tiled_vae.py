@@ -215,3 +215,20 @@ def test_activations_that_cannot_fit_in_ram_are_refused_before_any_work(monkeypa
     with pytest.raises(tiled_vae.TiledVAEError, match=r"GiB of activations kept in RAM, more than the 0\.0 GiB"):
         tiled_decode(vae, latent(vae, 1, 64, 64), tile_size="64")
     assert calls == []
+
+
+def test_non_finite_latents_and_decodes_are_refused_naming_the_culprit():
+    vae = make_vae("nano")
+    z = latent(vae, 1, 8, 8)
+    z[0, 0, 0, 0] = float("nan")
+    with pytest.raises(tiled_vae.TiledVAEError, match="the sampler .* made them, not the VAE"):
+        tiled_decode(vae, z, tile_size="64")
+    weight = tiled_vae.autoencoder_of(vae).decoder.conv_out.weight
+    with torch.no_grad():
+        saved = weight[0, 0, 0, 0].item()
+        weight[0, 0, 0, 0] = float("inf")
+        try:
+            with pytest.raises(tiled_vae.TiledVAEError, match="VAE decoded NaN or infinite values"):
+                tiled_decode(vae, latent(vae, 1, 8, 8), tile_size="64")
+        finally:
+            weight[0, 0, 0, 0] = saved
