@@ -247,7 +247,13 @@ def infer_dit_config(shapes: dict[str, tuple], name: str, metadata: dict | None 
         raise ZImageFileError(f"{name}: noise_refiner and context_refiner have different depths; the file is damaged.")
     if shapes["t_embedder.mlp.0.weight"][0] != min(dim, 1024) or shapes["t_embedder.mlp.2.weight"][0] != min(dim, 256):
         raise ZImageFileError(f"{name}: its timestep embedder does not have Z-Image's shape for dim {dim}.")
-    extra = json.loads(metadata.get("zimage.dit_config", "{}"))
+    try:
+        extra = json.loads(metadata.get("zimage.dit_config", "{}"))
+        if not isinstance(extra, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ZImageFileError(f"{name}: its metadata zimage.dit_config is not a valid JSON object ({e}); the file is "
+                              "damaged or edited. Download it again.") from None
     return {
         "image_model": "lumina2",
         "patch_size": patch_size,

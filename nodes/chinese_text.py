@@ -272,6 +272,9 @@ def prepare(clip, text: str, normalise: bool = True, template: str = "z-image ch
         raise TextEncodeError(f"The prompt is {len(text):,} characters; this node takes at most {MAX_PROMPT_CHARS:,} "
                               f"and Z-Image reads only its first {MAX_TOKENS} tokens (a few thousand characters). "
                               "Shorten the prompt.")
+    if any("\ud800" <= c <= "\udfff" for c in text or ""):
+        raise TextEncodeError("The prompt holds a lone UTF-16 surrogate (U+D800–U+DFFF), which is not a character; "
+                              "the text was mis-encoded where it came from. Retype or re-paste it.")
     inner = qwen_tokenizer(clip)
     segments = parse(text or "")
     unbounded = next((s for s in segments if not math.isfinite(s.weight)), None)

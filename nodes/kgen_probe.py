@@ -594,6 +594,9 @@ def finite_figures(report: dict) -> dict:
 
 def save_json(prefix: str, report: dict) -> str:
     """The report as a JSON file in the output directory; returns its path relative to it."""
+    if "\0" in prefix or len(prefix) > 200:
+        raise KGenError(f"filename_prefix {prefix[:40]!r}… is not a usable file name (a NUL character, or over 200 "
+                        "characters); give a short one such as 'zimage-kgen/run'.")
     output_dir = folder_paths.get_output_directory()
     full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir)
     name = f"{filename}_{counter:05}_.json"

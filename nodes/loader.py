@@ -122,6 +122,10 @@ class ZImageCheckpointLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, text_encoder, vae, weight_dtype, compute_dtype) -> io.NodeOutput:
+        for name, value, choices in (("weight_dtype", weight_dtype, WEIGHT_DTYPES), ("compute_dtype", compute_dtype,
+                                                                                    COMPUTE_DTYPES)):
+            if value not in choices:  # older ComfyUI passes any value a client sends
+                raise ZImageFileError(f"{name} {value!r} is not one of {', '.join(choices)}.")
         parts = resolve_parts(model, text_encoder, vae)
         plan = plan_load(parts)
         pbar = comfy.utils.ProgressBar(sum(p.nbytes for p in (parts.dit, parts.text_encoder, parts.vae)))

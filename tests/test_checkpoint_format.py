@@ -222,3 +222,9 @@ def test_lumina2_and_foreign_layouts_are_named():
 ])
 def test_detect_variant(name, metadata, expected):
     assert detect_variant(name, metadata)[0] == expected
+
+
+def test_bad_dit_metadata_is_a_message_naming_the_file(turbo_6b_shapes):
+    for bad in ("{not json", "[1, 2]"):
+        with pytest.raises(ZImageFileError, match="odd.safetensors: its metadata zimage.dit_config is not a valid JSON"):
+            infer_dit_config(turbo_6b_shapes, "odd.safetensors", {"zimage.dit_config": bad})

@@ -197,3 +197,8 @@ def test_nesting_that_multiplies_to_infinity_is_refused_with_a_message():
 def test_a_prompt_far_longer_than_z_image_reads_is_refused_before_any_work():
     with pytest.raises(ct.TextEncodeError, match="at most 20,000"):
         ct.prepare(ct.TokenizerOnly(), "猫" * 20_001)
+
+
+def test_a_lone_surrogate_is_refused_with_a_message_not_a_tokenizer_type_error():
+    with pytest.raises(ct.TextEncodeError, match="lone UTF-16 surrogate"):
+        ct.prepare(ct.TokenizerOnly(), "蓝色\ud800背景")

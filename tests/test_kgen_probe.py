@@ -289,3 +289,9 @@ def test_non_finite_figures_become_null_so_the_json_stays_standard():
     assert report["convergence"] == [0.1, None]
     assert json.loads(json.dumps(report, allow_nan=False)) == report
     assert "3 figure(s) were not finite" in report["messages"][0]
+
+
+@pytest.mark.parametrize("prefix", ["zimage-kgen/a\0b", "x" * 300])
+def test_an_unusable_filename_prefix_is_a_message(dirs, prefix):
+    with pytest.raises(kg.KGenError, match="not a usable file name"):
+        kg.save_json(prefix, {"k_gen": 1.0})

@@ -189,6 +189,17 @@ def test_a_shard_index_naming_a_file_outside_its_folder_is_refused(client, model
     assert result.status == "error" and "outside its folder" in result.error["exception_message"]
 
 
+def test_an_unknown_weight_dtype_is_a_message_not_a_key_error(client):
+    graph = sampling_graph("diffusion_models/tiny-zimage-turbo_bf16.safetensors", weight_dtype="int8")
+    try:
+        result = client.run(graph, timeout=120)
+    except PromptRejected as e:  # newer ComfyUI checks combo values first
+        assert "int8" in str(e)
+        return
+    assert result.status == "error"
+    assert result.error["exception_message"].startswith("weight_dtype 'int8' is not one of default, fp8_e4m3fn")
+
+
 def test_a_pickle_file_is_refused(client):
     """A .ckpt is never opened: refused at validation or by the loader, with a message saying why."""
     try:
