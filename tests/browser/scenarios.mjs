@@ -126,13 +126,22 @@ const scenarios = {
 
 // The bundled workflows in ComfyUI's template browser, under this package, with their thumbnails. A card's name
 // is read from its test id or its heading: newer frontends put badges ("Node graph") above the name.
-scenarios.templates = async (page, { packageName, out }) => {
-  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+scenarios.templates = async (page, { packageName, expected, out }) => {
+  await page.evaluate(() => {
+    window.zimageTemplateCards = () => {
+      const tagged = [...document.querySelectorAll("[data-testid^='template-workflow-']")];
+      return tagged.length ? tagged : [...document.querySelectorAll(".template-card, [class*='card']")];
+    };
+    return window.app.extensionManager.command.execute("Comfy.BrowseTemplates");
+  });
   await page.getByText(packageName, { exact: true }).first().click({ timeout: 30_000 });
-  await page.waitForTimeout(1500);
+  // The cards and their thumbnails arrive over the network: wait for them (a loaded machine takes seconds), then
+  // read whatever is there, so that a missing card fails the test's own assertion with the cards found.
+  await page.waitForFunction((expected) => window.zimageTemplateCards().filter((card) =>
+    [...card.querySelectorAll("img")].some((img) => img.complete && img.naturalWidth > 0)).length >= expected,
+  expected, { timeout: 30_000, polling: 250 }).catch(() => {});
   const cards = await page.evaluate(() => {
-    const tagged = [...document.querySelectorAll("[data-testid^='template-workflow-']")];
-    const cards = tagged.length ? tagged : [...document.querySelectorAll(".template-card, [class*='card']")];
+    const cards = window.zimageTemplateCards();
     return cards.map((card) => {
       const heading = card.querySelector("h1, h2, h3, h4, [title]:not(img)");
       const name = card.dataset.testid?.replace(/^template-workflow-/, "") || heading?.getAttribute("title") || heading?.textContent.trim()
