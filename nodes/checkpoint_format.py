@@ -66,7 +66,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise ZImageFileError(f"{name}: only .safetensors files are loaded (pickle-based .ckpt/.pt/.bin files can "
                               "run code when opened). Convert it to .safetensors or pick another file.")
     if not path.is_file():
-        raise ZImageFileError(f"{name}: file not found at {path}. Put it in your ComfyUI models folder and refresh.")
+        raise ZImageFileError(f"{name}: file not found. Put it in your ComfyUI models folder and refresh.")
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw_len = f.read(8)

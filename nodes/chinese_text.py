@@ -258,6 +258,14 @@ def encode(clip, text: str, normalise: bool = True, template: str = "z-image cha
     """(conditioning, statistics). Plain text goes through core's tokenize and encode unchanged."""
     tokens, token_weights, stats = prepare(clip, text, normalise, template)
     conditioning = clip.encode_from_tokens_scheduled(tokens)
+    if not all(bool(torch.isfinite(c[0]).all()) for c in conditioning):
+        if not stats["tokens"] and template == "raw":
+            raise TextEncodeError("An empty prompt with the raw template leaves the text encoder nothing to read (its "
+                                  "output is NaN, a black image): write a prompt, or use the z-image chat template, "
+                                  "where an empty prompt is fine.")
+        raise TextEncodeError("The text encoder produced NaN or infinite values, which would make a black image. Usual "
+                              "causes: the encoder running in fp16 (Qwen3 needs bf16 or fp32), or NaN/infinite weights "
+                              "in the text-encoder file (download it again).")
     if any(w != 1.0 for w in token_weights.values()):
         conditioning = apply_weights(conditioning, token_weights, len(tokens["qwen3_4b"][0]))
     return conditioning, stats

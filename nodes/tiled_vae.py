@@ -612,6 +612,7 @@ def global_attention(attn, x: torch.Tensor) -> torch.Tensor:
         elements = max(ATTENTION_CHUNK_ELEMENTS, min(ATTENTION_CHUNK_ELEMENTS_CUDA, fits))
     chunk = max(1, elements // (b * n))
     for i in range(0, n, chunk):
+        mm.throw_exception_if_processing_interrupted()  # the whole image's attention can run for a minute on a CPU
         out[:, :, i:i + chunk] = F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v)
     del q, k, v
     return x + attn.proj_out(out.transpose(2, 3).reshape(b, c, hh, ww))

@@ -164,7 +164,9 @@ def test_long_prompts_are_cut_at_512_tokens_and_say_what_was_cut(clip):
 def test_raw_template_and_statistics(clip):
     raw, stats = ct.encode(clip, "红色圆形", template="raw")
     assert raw[0][0].shape[1] == stats["tokens"] == stats["total_tokens"]
-    assert ct.encode(clip, "", template="raw")[1]["tokens"] == 0
+    assert ct.prepare(clip, "", template="raw")[2]["tokens"] == 0
+    with pytest.raises(ct.TextEncodeError, match="empty prompt with the raw template"):  # Qwen reads nothing: NaN
+        ct.encode(clip, "", template="raw")
     _, stats = ct.encode(clip, "(招牌:1.5)上写着“早安中国”和「晚安」")
     assert stats["quotes"] == ["早安中国", "晚安"]
     assert stats["spans"] == [{"text": "招牌", "weight": 1.5}]
@@ -202,3 +204,17 @@ def test_a_prompt_far_longer_than_z_image_reads_is_refused_before_any_work():
 def test_a_lone_surrogate_is_refused_with_a_message_not_a_tokenizer_type_error():
     with pytest.raises(ct.TextEncodeError, match="lone UTF-16 surrogate"):
         ct.prepare(ct.TokenizerOnly(), "蓝色\ud800背景")
+
+
+def test_a_text_encoder_computing_nan_is_named_not_a_black_image(clip):
+    norm = clip.cond_stage_model.qwen3_4b.transformer.model.layers[0].input_layernorm.weight  # Z-Image reads layer -2
+    saved = norm.detach().clone()
+    with torch.no_grad():
+        norm.fill_(float("nan"))
+    try:
+        with pytest.raises(ct.TextEncodeError, match="text encoder produced NaN.*fp16"):
+            ct.encode(clip, "蓝色背景上的红色圆形")
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+    assert torch.isfinite(ct.encode(clip, "蓝色背景上的红色圆形")[0][0][0]).all()

@@ -232,3 +232,23 @@ def test_non_finite_latents_and_decodes_are_refused_naming_the_culprit():
                 tiled_decode(vae, latent(vae, 1, 8, 8), tile_size="64")
         finally:
             weight[0, 0, 0, 0] = saved
+
+
+def test_interrupt_stops_the_whole_image_attention_between_chunks(monkeypatch):
+    vae = make_vae("nano")
+    monkeypatch.setattr(tiled_vae, "ATTENTION_CHUNK_ELEMENTS", 16 * 16)  # one query row of a 16x16 latent a chunk
+    calls = []
+    sdpa = tiled_vae.F.scaled_dot_product_attention
+
+    def attention_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        mm.interrupt_current_processing(True)  # the user presses Cancel during the first chunk
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(tiled_vae.F, "scaled_dot_product_attention", attention_then_interrupt)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            tiled_decode(vae, latent(vae, 1, 16, 16), tile_size="64")
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(calls) == 1, "the attention went on after the interrupt"
