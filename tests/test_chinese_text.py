@@ -165,8 +165,12 @@ def test_raw_template_and_statistics(clip):
     raw, stats = ct.encode(clip, "红色圆形", template="raw")
     assert raw[0][0].shape[1] == stats["tokens"] == stats["total_tokens"]
     assert ct.prepare(clip, "", template="raw")[2]["tokens"] == 0
-    with pytest.raises(ct.TextEncodeError, match="empty prompt with the raw template"):  # Qwen reads nothing: NaN
-        ct.encode(clip, "", template="raw")
+    try:  # nothing for Qwen to read: older core's encoder answers NaN, which must be named, newer core a finite pad
+        empty, _ = ct.encode(clip, "", template="raw")
+    except ct.TextEncodeError as e:
+        assert "empty prompt with the raw template" in str(e)
+    else:
+        assert torch.isfinite(empty[0][0]).all()
     _, stats = ct.encode(clip, "(招牌:1.5)上写着“早安中国”和「晚安」")
     assert stats["quotes"] == ["早安中国", "晚安"]
     assert stats["spans"] == [{"text": "招牌", "weight": 1.5}]
