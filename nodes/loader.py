@@ -390,8 +390,8 @@ def plan_load(parts: Parts) -> LoadPlan:
     layout = reference_layout(variant, dit_comfy_shapes(parts.dit), parts.dit.metadata)
     if layout == "omni" and not nextdit_takes_reference_latents():
         raise ZImageFileError(f"{parts.dit.label}: a Z-Image Omni/Edit model (it has SigLIP image-feature weights), which "
-                              "this ComfyUI's NextDiT cannot run. Update ComfyUI (its Z-Image Omni support arrived in "
-                              "2026) and load the file again.")
+                              "this ComfyUI's NextDiT cannot run. Update ComfyUI (0.33 runs them) and load the file "
+                              "again.")
     return LoadPlan(dit_config, te_config, vae_config, variant, reason, layout)
 
 
