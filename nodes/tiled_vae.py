@@ -319,9 +319,10 @@ def run_tiled(vae, work: Callable[[Budget], torch.Tensor], latent_shape, tile: i
         raise TiledVAEError(f"keep_activations {keep!r} is not one of {', '.join(KEEP)}.")
     on_device = device.type != "cpu" and (keep == "gpu" or (keep == "auto" and store_bytes < 0.6 * mm.get_free_memory(device)))
     store = device if on_device else torch.device("cpu")
-    if store.type == "cpu" and store_bytes > 0.9 * host_free_memory():
+    ram = host_free_memory() if store.type == "cpu" else None
+    if ram is not None and store_bytes > 0.9 * ram:
         raise TiledVAEError(f"This image needs {store_bytes / 2**30:.1f} GiB of activations kept in RAM, more than the "
-                            f"{host_free_memory() / 2**30:.1f} GiB this process may still use (free RAM, or its "
+                            f"{ram / 2**30:.1f} GiB this process may still use (free RAM, or its "
                             "container's limit). Decode a smaller image, or free memory first.")
     if tile is None:
         tile = auto_tile(vae, latent_shape, device, store_bytes if store == device or device.type == "cpu" else 0)

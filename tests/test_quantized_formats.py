@@ -79,22 +79,20 @@ def te_reference(models_dir):
     return te_output(models_dir / "text_encoders" / TE_FILES["bf16"])
 
 
-@pytest.mark.parametrize("fmt", [f for f in DIT_FILES if f != "bf16"])
-def test_diffusion_model_format_computes_what_bf16_computes(models_dir, dit_reference, fmt):
-    out = dit_output(models_dir / "diffusion_models" / DIT_FILES[fmt])
-    assert out.shape == dit_reference.shape
-    error = relative_error(out, dit_reference)
-    print(f"diffusion model {fmt}: relative error {error:.4f}")
-    assert error <= TOLERANCE, f"{fmt}: relative error {error:.4f} vs the bf16 file"
+CASES = [("diffusion model", fmt) for fmt in DIT_FILES if fmt != "bf16"] + \
+        [("text encoder", fmt) for fmt in TE_FILES if fmt != "bf16"]
 
 
-@pytest.mark.parametrize("fmt", [f for f in TE_FILES if f != "bf16"])
-def test_text_encoder_format_computes_what_bf16_computes(models_dir, te_reference, fmt):
-    out = te_output(models_dir / "text_encoders" / TE_FILES[fmt])
-    assert out.shape == te_reference.shape
-    error = relative_error(out, te_reference)
-    print(f"text encoder {fmt}: relative error {error:.4f}")
-    assert error <= TOLERANCE, f"{fmt}: relative error {error:.4f} vs the bf16 file"
+@pytest.mark.parametrize("part,fmt", CASES, ids=[f"{part.split()[0]}-{fmt}" for part, fmt in CASES])
+def test_every_format_computes_what_bf16_computes(models_dir, request, part, fmt):
+    if part == "diffusion model":
+        out, reference = dit_output(models_dir / "diffusion_models" / DIT_FILES[fmt]), request.getfixturevalue("dit_reference")
+    else:
+        out, reference = te_output(models_dir / "text_encoders" / TE_FILES[fmt]), request.getfixturevalue("te_reference")
+    assert out.shape == reference.shape
+    error = relative_error(out, reference)
+    print(f"{part} {fmt}: relative error {error:.4f}")
+    assert error <= TOLERANCE, f"{part} {fmt}: relative error {error:.4f} vs the bf16 file"
 
 
 def test_mixed_precision_described_in_the_header_loads(models_dir, dit_reference, tmp_path):
