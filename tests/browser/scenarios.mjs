@@ -1,15 +1,30 @@
 // Browser scenarios for tests/test_browser.py: `node scenarios.mjs <scenario>` with its parameters as JSON on
 // stdin; the last line of stdout is the JSON result the Python test asserts on. Screenshots go to params.out.
 import { join } from "node:path";
-import { closeDialogs, openComfy, openDialogs, readStdinJson } from "./harness.mjs";
+import { closeBanners, closeDialogs, openComfy, openDialogs, readStdinJson } from "./harness.mjs";
 
 const RUN_TIMEOUT_MS = 600_000;
 
 // Open a bundled workflow the way a user does: the Comfy menu, then Z-Image, then the workflow's entry.
+// A submenu opens on hover and can close again when the pointer's path crosses another entry on a busy machine;
+// a user would simply point again, and so does this (three tries, then the last error stands).
 async function openFromMenu(page, label) {
-  await page.locator(".comfyui-logo").first().click();
-  await page.getByText("Z-Image", { exact: true }).first().hover();
-  await page.getByText(label, { exact: true }).first().click();
+  const entry = page.getByText(label, { exact: true }).first();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await closeBanners(page);
+      await page.locator(".comfyui-logo").first().click();
+      await page.getByText("Z-Image", { exact: true }).first().hover({ timeout: 10_000 });
+      await entry.waitFor({ state: "visible", timeout: 10_000 });
+      await entry.click({ timeout: 10_000 });
+      break;
+    } catch (e) {
+      if (attempt === 3) throw e;
+      await page.keyboard.press("Escape");
+      await page.mouse.move(5, 600);
+      await page.waitForTimeout(1000);
+    }
+  }
   await page.waitForFunction(() => window.app.graph._nodes.some((n) => n.comfyClass?.startsWith("ZImage")), null, { timeout: 30_000 });
   await page.waitForTimeout(1000); // dialogs about missing nodes or models open after the graph is configured
 }
