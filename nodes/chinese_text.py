@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import threading
 import unicodedata
@@ -198,6 +197,7 @@ def bracket_partners(text: str) -> dict[int, int]:
 WEIGHT_SUFFIX = re.compile(r"[:：]\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$")
 WEIGHT_SUFFIX_CHARS = 64  # a `:weight` ends a group within this many characters; longer is not a weight
 FULL_WIDTH_MAX_WEIGHT = 3.0
+MAX_WEIGHT = 100.0  # a span's weight, brackets multiplied; 1.1 ** 1000 nested brackets would overflow fp32
 
 
 def group(text: str, start: int, end: int, ascii_bracket: bool) -> tuple[int, float | None]:
@@ -285,11 +285,12 @@ def prepare(clip, text: str, normalise: bool = True, template: str = "z-image ch
                               "the text was mis-encoded where it came from. Retype or re-paste it.")
     inner = qwen_tokenizer(clip)
     segments = parse(text or "")
-    unbounded = next((s for s in segments if not math.isfinite(s.weight)), None)
+    unbounded = next((s for s in segments if not s.weight <= MAX_WEIGHT), None)  # NaN fails too
     if unbounded is not None:
-        raise TextEncodeError(f"The weights around {unbounded.text[:40]!r} multiply to {unbounded.weight} (brackets nested "
-                              "too deep, or a weight too large); use one bracket with the weight you want, such as "
-                              "(汉服:1.5).")
+        raise TextEncodeError(f"The weights around {unbounded.text[:40]!r} multiply to {unbounded.weight:.3g} (brackets "
+                              f"nested too deep, or a weight too large); above {MAX_WEIGHT:g} a span drowns the rest of "
+                              "the prompt and the text encoder's numbers overflow to a black image. Use one bracket "
+                              "with the weight you want, such as (汉服:1.5).")
     if normalise:
         segments = normalise_segments(segments)
     # the tokenizer composes to NFC itself; doing it first keeps the characters and the tokens in step

@@ -65,6 +65,7 @@ from .compat import (
     quant_formats,
 )
 from .edit import ZImageEditModel
+from .model_guard import GUARD_KEY, add_interrupt_checks, guard_model_call, guard_vae, refuse_nonfinite_cfg
 
 log = logging.getLogger("comfyui-zimage")
 
@@ -561,42 +562,10 @@ def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dt
     assign_weights(model.diffusion_model, tensors, part.label)
     del tensors
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    add_interrupt_checks(model.diffusion_model)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GUARD_KEY, guard_model_call)
+    patcher.set_model_sampler_post_cfg_function(refuse_nonfinite_cfg)
     return patcher
-
-
-GUARD_KEY = "zimage-guard"
-
-
-class NonFiniteOutput(RuntimeError):
-    """The diffusion model computed NaN or infinity: the image would come out black."""
-
-
-def guard_model_call(executor, x, timesteps, *args, **kwargs):
-    """Around every call of the diffusion model: refuse a ControlNet made for another width before it fails deep in
-    the first block, and stop at the first non-finite output with the step it came from and the usual causes,
-    instead of finishing an all-black image. (The check reads one boolean from the device per model call.)"""
-    width = executor.class_obj.dim
-    patches = kwargs.get("transformer_options", {}).get("patches", {})
-    for patch in patches.get("noise_refiner", []) + patches.get("double_block", []):
-        control = getattr(getattr(patch, "model_patch", None), "model", None)
-        layers = getattr(control, "control_layers", None)
-        control_width = getattr(layers[0], "dim", None) if layers else None
-        if control_width is not None and control_width != width:
-            raise ZImageFileError(f"This Z-Image ControlNet is made for {control_width}-wide models, but the loaded "
-                                  f"model is {width} wide" + (" (a nano model)" if width < 1024 else "") + ". Use it "
-                                  "with the Z-Image model it was trained for (the real Z-Image Turbo/Base files), or "
-                                  "bypass the ControlNet node.")
-    out = executor(x, timesteps, *args, **kwargs)
-    if not bool(torch.isfinite(out).all()):
-        where = "its input was already non-finite" if not bool(torch.isfinite(x).all()) else "in the model itself"
-        sigma = float(timesteps.flatten()[0])  # a flow model's timestep is its sigma
-        raise NonFiniteOutput(
-            f"The diffusion model produced NaN or infinite values at sigma {sigma:.3f} ({where}), which would make a "
-            "black image. Usual causes: fp16 compute on a model that needs bf16 or fp32 (set the loader's "
-            "compute_dtype to bf16), an attention backend or patch (SageAttention, a quantised kernel), NaN or "
-            "infinite weights in the file, or a NaN/infinite cfg, shift or prompt weight.")
-    return out
 
 
 def refuse_unplaced(part: Part, wanted) -> None:
@@ -702,7 +671,13 @@ def load_vae(part: Part, ddconfig: dict, pbar):
         sd["post_quant_conv.bias"] = torch.zeros(z)
     with torch.device("meta"):
         reference = AutoencoderKL(ddconfig=ddconfig, embed_dim=z)
-    missing = sorted(set(reference.state_dict()) - set(sd))
+    expected = set(reference.state_dict())
+    unplaced = sorted(set(sd) - expected)
+    if unplaced:
+        raise ZImageFileError(f"{part.label}: {len(unplaced)} of its tensors have no place in the VAE its other tensors "
+                              f"describe (e.g. {unplaced[0]}): the file is damaged or another model's VAE. Use the "
+                              "Flux VAE (ae.safetensors) that Z-Image uses.")
+    missing = sorted(expected - set(sd))
     if missing:
         raise ZImageFileError(f"{part.label}: the VAE lacks {len(missing)} tensors its other tensors imply (e.g. "
                               f"{missing[0]}); the file is incomplete. Download it again.")
@@ -711,4 +686,5 @@ def load_vae(part: Part, ddconfig: dict, pbar):
     except RuntimeError as e:  # shape mismatch inside load_state_dict
         raise ZImageFileError(f"{part.label}: the VAE tensors do not fit together ({str(e).splitlines()[0]}).") from None
     vae.latent_channels = z
+    guard_vae(vae.first_stage_model)
     return vae

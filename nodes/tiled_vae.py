@@ -22,16 +22,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import comfy.model_management as mm
 import comfy.utils
-import psutil
 import torch
 import torch.nn.functional as F
 from comfy.ldm.models.autoencoder import AutoencodingEngineLegacy
 from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder, ResnetBlock
 from comfy_api.latest import io
+
+from .model_guard import host_free_memory
 
 log = logging.getLogger("comfyui-zimage")
 
@@ -254,24 +254,6 @@ def parse_tile_size(tile_size: str | int) -> int | None:
     if value < MIN_TILE:
         raise TiledVAEError(f"tile_size {value} is below the minimum of {MIN_TILE} pixels; choose 'auto' or {MIN_TILE} or more.")
     return value - value % 8
-
-
-CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
-
-
-def host_free_memory(cgroup_files=CGROUP_FILES) -> int:
-    """RAM this process may still take: what the machine has available, or less where its container's memory
-    limit leaves less (a container sees the host's free RAM, and is killed at its own limit)."""
-    free = int(psutil.virtual_memory().available)
-    for limit_file, usage_file in cgroup_files:
-        try:
-            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number: no limit
-            free = min(free, int(limit) - usage)
-    return max(free, 0)
 
 
 def free_memory(device) -> int:

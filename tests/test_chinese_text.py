@@ -193,11 +193,15 @@ def test_the_parser_is_linear_and_never_recurses(text):
     assert sum(len(s.text) for s in segments) <= len(text)
 
 
-def test_nesting_that_multiplies_to_infinity_is_refused_with_a_message():
+def test_nesting_that_multiplies_past_the_maximum_weight_is_refused_with_a_message():
     deep = "(" * 8000 + "汉服" + ")" * 8000  # 1.1 ** 8000 overflows
     assert ct.parse(deep)[0].weight == float("inf")
     with pytest.raises(ct.TextEncodeError, match="multiply to inf"):
         ct.prepare(ct.TokenizerOnly(), deep)
+    # 1.1 ** 1000 is finite in float64, but not once the text encoder's fp32 numbers are scaled by it.
+    with pytest.raises(ct.TextEncodeError, match=r"multiply to 2\.47e\+41.*above 100"):
+        ct.prepare(ct.TokenizerOnly(), "(" * 1000 + "汉服" + ")" * 1000)
+    ct.prepare(ct.TokenizerOnly(), "(汉服:100)")  # the maximum itself is allowed
 
 
 def test_a_prompt_far_longer_than_z_image_reads_is_refused_before_any_work():

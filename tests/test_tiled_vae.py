@@ -10,7 +10,7 @@ import comfy.utils
 import numpy as np
 import pytest
 import torch
-from comfyui_zimage.nodes import tiled_vae
+from comfyui_zimage.nodes import model_guard, tiled_vae
 from comfyui_zimage.nodes.tiled_vae import TiledVAEError, tiled_decode, tiled_encode
 from conftest import REPO_ROOT
 
@@ -202,9 +202,9 @@ def test_host_memory_counts_the_containers_limit(tmp_path):
     limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
     limit.write_text(f"{3 << 30}\n")
     usage.write_text(f"{1 << 30}\n")
-    assert tiled_vae.host_free_memory(((str(limit), str(usage)),)) == min(2 << 30, tiled_vae.host_free_memory(()))
+    assert model_guard.host_free_memory(((str(limit), str(usage)),)) == min(2 << 30, model_guard.host_free_memory(()))
     limit.write_text("max\n")  # no limit: the machine's available RAM
-    assert tiled_vae.host_free_memory(((str(limit), str(usage)),)) == tiled_vae.host_free_memory(())
+    assert model_guard.host_free_memory(((str(limit), str(usage)),)) == model_guard.host_free_memory(())
 
 
 def test_activations_that_cannot_fit_in_ram_are_refused_before_any_work(monkeypatch):
