@@ -29,11 +29,18 @@ WORKFLOW_MENU = dict(re.findall(r'\["(zimage-[a-z-]+)", "([^"]+)"\]',
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """Tiny checkpoints in every supported format, and the broken files, in a ComfyUI models layout."""
+    from devtools.bad_inputs import write_bad_inputs
     from devtools.checkpoint_fixtures import write_all
 
     path = tmp_path_factory.mktemp("models")
     write_all(path)
+    write_bad_inputs(path, unpickled_canary(path))
     return path
+
+
+def unpickled_canary(models_dir: Path) -> Path:
+    """The file the pickle among the bad inputs creates if anything ever unpickles it."""
+    return models_dir.parent / "UNPICKLED-CANARY"
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO_ROOT
 
 NANO = {"model": "diffusion_models/nano_zimage_turbo.safetensors", "text_encoder": "nano_qwen3.safetensors",
         "vae": "nano_ae.safetensors", "weight_dtype": "default", "compute_dtype": "default"}
@@ -84,13 +83,9 @@ def test_probe_on_a_pruned_model(client):
     assert report_of(result)["nfe"] == 8
 
 
-def test_bad_inputs_give_messages_and_the_server_keeps_serving(client):
+def test_a_single_step_gives_a_report_that_says_there_is_no_fit(client):
     one_step = report_of(client.run(graph(seed=5, steps=1), timeout=300))
     assert one_step["nfe"] == 1 and any("No fit" in m for m in one_step["messages"])
-    escape = client.run(graph(seed=6, steps=2, report=dict(REPORT, history_file="../../escape.jsonl")), timeout=300)
-    assert escape.status == "success", escape.error
-    r = report_of(escape)
-    assert not r["history"]["saved"] and any("outside the plugin's folder zimage-kgen/" in m for m in r["messages"])
 
 
 def test_interrupted_run_then_the_next_prompt_works(client):
@@ -103,15 +98,3 @@ def test_interrupted_run_then_the_next_prompt_works(client):
     result = client.run(graph(seed=8), timeout=300)
     assert result.status == "success", result.error
     assert report_of(result)["nfe"] == 8
-
-
-@pytest.mark.parametrize("text", ["", "(红色圆形:0)"], ids=["empty", "weighted-0"])
-def test_bundled_turbo_workflow_with_a_prompt_of_c_text_zero_still_writes_its_images(client, text):
-    from zimage_client.submit import apply_options, k_gen_of
-
-    workflow = json.loads((REPO_ROOT / "workflows" / "api" / "zimage-turbo.json").read_text(encoding="utf-8"))
-    result = client.run(apply_options(workflow, text=text, seed=5), timeout=300)
-    assert result.status == "success", result.error
-    assert result.images(), "the run kept its images"
-    report = k_gen_of(result.outputs)
-    assert report["fit"]["k_gen"] is None and any("C_text is 0" in m for m in report["messages"])
