@@ -10,13 +10,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def register_model_folders() -> None:
-    """Make the models shipped in this package appear in ComfyUI's model dropdowns with no user action."""
-    import folder_paths
+    """Make the models shipped in this package appear in the Z-Image loader's dropdowns with no user action."""
+    from .nodes.loader import register_package_models
 
-    for kind in ("diffusion_models", "text_encoders", "vae", "checkpoints", "diffusers"):
-        folder = PACKAGE_DIR / "models" / kind
-        if folder.is_dir():
-            folder_paths.add_model_folder_path(kind, str(folder))
+    register_package_models(PACKAGE_DIR / "models")
 
 
 async def comfy_entrypoint():

@@ -28,7 +28,8 @@ import folder_paths
 import numpy as np
 import torch
 import torch.nn.functional as F
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
+from PIL import Image
 
 from .chinese_text import PromptStats  # made by the Chinese text encode node; carries "c_text"
 
@@ -135,13 +136,10 @@ class ZImageKGenReport(io.ComfyNode):
         report = finite_figures(report)
         if save_history and report.get("k_gen") is not None:
             report["history"] = update_history(history_file, report)
-        report["saved_to"] = save_json(filename_prefix, report)
-        text = json.dumps(report, ensure_ascii=False, allow_nan=False)
         image = plot(report)
-        lines = summary_lines(report)
-        out_ui = ui.PreviewImage(image, cls=cls).as_dict()
-        out_ui.update(text=lines, json=[text])
-        return io.NodeOutput(image, text, ui=out_ui)
+        shown = save_report(filename_prefix, report, image)
+        text = json.dumps(report, ensure_ascii=False, allow_nan=False)
+        return io.NodeOutput(image, text, ui={"images": [shown], "text": summary_lines(report), "json": [text]})
 
 
 def model_label(model) -> str:
@@ -592,17 +590,23 @@ def finite_figures(report: dict) -> dict:
     return out
 
 
-def save_json(prefix: str, report: dict) -> str:
-    """The report as a JSON file in the output directory; returns its path relative to it."""
+def save_report(prefix: str, report: dict, image: torch.Tensor) -> dict:
+    """The report as JSON and its plot as PNG, side by side in the output directory under one name (a preview's
+    ComfyUI_temp_ name would say nothing of the run). Sets report["saved_to"] and ["plot"] (paths relative to the
+    output directory); returns the plot's entry for the UI."""
     if "\0" in prefix or len(prefix) > 200:
         raise KGenError(f"filename_prefix {prefix[:40]!r}… is not a usable file name (a NUL character, or over 200 "
                         "characters); give a short one such as 'zimage-kgen/run'.")
     output_dir = folder_paths.get_output_directory()
     full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir)
-    name = f"{filename}_{counter:05}_.json"
-    Path(full_folder).mkdir(parents=True, exist_ok=True)
-    (Path(full_folder) / name).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-    return f"{subfolder}/{name}" if subfolder else name
+    stem, folder = f"{filename}_{counter:05}_", Path(full_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    relative = f"{subfolder}/{stem}" if subfolder else stem
+    report["saved_to"], report["plot"] = f"{relative}.json", f"{relative}.png"
+    pixels = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    Image.fromarray(pixels).save(folder / f"{stem}.png", compress_level=4)
+    (folder / f"{stem}.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    return {"filename": f"{stem}.png", "subfolder": subfolder, "type": "output"}
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -612,7 +616,8 @@ def summary_lines(report: dict) -> list[str]:
              f"{report['nfe']} NFE in {report['seconds']:.3f} s, k_gen = {report['k_gen']:.3f} s⁻¹"]
     fit = report.get("fit") or {}
     if "slope" in fit:
-        lines.append(f"fit 1/(1−I) = {fit['slope']:.3f}·t + {fit['intercept']:.3f}, R² = {fit['r2']:.3f}, "
+        sign = "+" if fit["intercept"] >= 0 else "−"
+        lines.append(f"fit 1/(1−I) = {fit['slope']:.3f}·t {sign} {abs(fit['intercept']):.3f}, R² = {fit['r2']:.3f}, "
                      f"k_gen·C_text = {fit['k_gen_c_text']:.3f} s⁻¹"
                      + (f", t₁ = {report['t1_s']:.3f} s" if report.get("t1_s") is not None else ""))
     if report.get("peak_memory_bytes") is not None:

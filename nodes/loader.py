@@ -65,7 +65,7 @@ from .compat import (
     quant_formats,
 )
 from .edit import ZImageEditModel
-from .model_guard import GUARD_KEY, add_interrupt_checks, guard_model_call, guard_vae, refuse_nonfinite_cfg
+from .model_guard import GUARD_KEY, add_interrupt_checks, check_cfg, guard_model_call, guard_vae
 
 log = logging.getLogger("comfyui-zimage")
 
@@ -91,18 +91,18 @@ class ZImageCheckpointLoader(io.ComfyNode):
                                tooltip="The diffusion model: a file in models/diffusion_models, an all-in-one "
                                        "checkpoint in models/checkpoints, or a diffusers folder in models/diffusers. "
                                        "Only .safetensors files are listed."),
-                io.Combo.Input("text_encoder", options=[AUTO] + safetensors_files("text_encoders"), default=AUTO,
+                io.Combo.Input("text_encoder", options=[AUTO] + safetensors_files("text_encoders"), optional=True, default=AUTO,
                                tooltip="The Qwen3 text encoder (qwen_3_4b.safetensors for real Z-Image). 'auto' takes "
                                        "it from the checkpoint or diffusers folder, else the one file in "
                                        "models/text_encoders whose width fits the model."),
-                io.Combo.Input("vae", options=[AUTO] + safetensors_files("vae"), default=AUTO,
+                io.Combo.Input("vae", options=[AUTO] + safetensors_files("vae"), optional=True, default=AUTO,
                                tooltip="The 16-channel Flux VAE (ae.safetensors for real Z-Image). 'auto' takes it from "
                                        "the checkpoint or diffusers folder, else the one 16-channel file in models/vae."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), optional=True, default="default",
                                tooltip="Storage dtype of the diffusion model's weights. 'default' lets ComfyUI choose for "
                                        "your device; fp8 halves memory at a small quality cost (fp8_e4m3fn_fast also "
                                        "computes in fp8 on GPUs that support it)."),
-                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="default",
+                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), optional=True, default="default",
                                tooltip="Dtype the diffusion model computes in when weights are stored in another "
                                        "(e.g. fp8). 'default' lets ComfyUI choose for your device."),
             ],
@@ -122,14 +122,14 @@ class ZImageCheckpointLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, text_encoder, vae, weight_dtype, compute_dtype) -> io.NodeOutput:
+    def execute(cls, model, text_encoder=AUTO, vae=AUTO, weight_dtype="default", compute_dtype="default") -> io.NodeOutput:
         for name, value, choices in (("weight_dtype", weight_dtype, WEIGHT_DTYPES), ("compute_dtype", compute_dtype,
                                                                                     COMPUTE_DTYPES)):
             if value not in choices:  # older ComfyUI passes any value a client sends
                 raise ZImageFileError(f"{name} {value!r} is not one of {', '.join(choices)}.")
         parts = resolve_parts(model, text_encoder, vae)
         plan = plan_load(parts)
-        pbar = comfy.utils.ProgressBar(sum(p.nbytes for p in (parts.dit, parts.text_encoder, parts.vae)))
+        pbar = MegabyteProgress(sum(p.nbytes for p in (parts.dit, parts.text_encoder, parts.vae)))
         dit = load_diffusion_model(parts.dit, plan.dit_config, WEIGHT_DTYPES[weight_dtype],
                                    COMPUTE_DTYPES[compute_dtype], weight_dtype.endswith("_fast"), pbar,
                                    reference_images=plan.reference_layout == APPENDED_REFERENCES)
@@ -143,20 +143,57 @@ class ZImageCheckpointLoader(io.ComfyNode):
                              f"{plan.variant} ({plan.variant_reason})")
 
 
+class MegabyteProgress:
+    """The loader's progress bar, in MiB (a byte count shows as 21123878/21123878), and none at all for a load under
+    64 MiB (the nano family), which is over before a bar could say anything."""
+
+    def __init__(self, total_bytes: int):
+        self.bar = comfy.utils.ProgressBar(-(-total_bytes >> 20)) if total_bytes >= 64 << 20 else None
+        self.done = 0
+
+    def update(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.bar is not None:
+            self.bar.update_absolute(min(self.bar.total, self.done >> 20))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Finding the files.
 
+# The nano family ships inside this package. Core's loaders cannot load its files (core's detection has no nano
+# sizes, and fails with an empty AssertionError), so they are registered under kinds of our own that only this
+# loader lists, beside ComfyUI's own folders, under the same names.
+PACKAGE_KINDS = ("diffusion_models", "text_encoders", "vae", "checkpoints", "diffusers")
+
+
+def package_kind(kind: str) -> str:
+    return f"zimage_nano_{kind}"
+
+
+def register_package_models(models_dir: Path) -> None:
+    for kind in PACKAGE_KINDS:
+        folder = Path(models_dir) / kind
+        if folder.is_dir():
+            folder_paths.add_model_folder_path(package_kind(kind), str(folder))
+
+
+def kinds_of(kind: str) -> list[str]:
+    """ComfyUI's folder kind, then the package's, where registered."""
+    return [k for k in (kind, package_kind(kind)) if k in folder_paths.folder_names_and_paths]
+
+
 def safetensors_files(folder: str) -> list[str]:
-    try:
-        names = folder_paths.get_filename_list(folder)
-    except KeyError:
-        return []
+    names = {n for kind in kinds_of(folder) for n in folder_paths.get_filename_list(kind)}
     return sorted(n for n in names if n.lower().endswith(".safetensors"))
+
+
+def diffusers_bases() -> list[str]:
+    return [base for kind in kinds_of("diffusers") for base in folder_paths.get_folder_paths(kind)]
 
 
 def diffusers_folders() -> list[str]:
     found = []
-    for base in folder_paths.get_folder_paths("diffusers") if "diffusers" in folder_paths.folder_names_and_paths else []:
+    for base in diffusers_bases():
         base = Path(base)
         if base.is_dir():
             for index in sorted(base.rglob("transformer")):
@@ -172,7 +209,7 @@ def list_model_sources() -> list[str]:
 
 
 def full_path(folder: str, name: str) -> Path:
-    path = folder_paths.get_full_path(folder, name)
+    path = next((p for kind in kinds_of(folder) if (p := folder_paths.get_full_path(kind, name))), None)
     if path is None:
         raise ZImageFileError(f"{name}: not found in models/{folder}. Put the file there and refresh the page "
                               "(press R in the canvas).")
@@ -182,7 +219,7 @@ def full_path(folder: str, name: str) -> Path:
 def diffusers_folder_path(name: str) -> Path:
     """A model folder inside one of ComfyUI's diffusers folders (links resolved); nothing else, whatever the name
     says (older ComfyUI passes any string a client sends, such as `../../x` or an absolute path)."""
-    for base in folder_paths.get_folder_paths("diffusers"):
+    for base in diffusers_bases():
         base = Path(base).resolve()
         candidate = (base / name).resolve()
         if candidate != base and candidate.is_relative_to(base) and candidate.is_dir():
@@ -564,7 +601,7 @@ def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dt
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
     add_interrupt_checks(model.diffusion_model)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GUARD_KEY, guard_model_call)
-    patcher.set_model_sampler_post_cfg_function(refuse_nonfinite_cfg)
+    patcher.set_model_sampler_post_cfg_function(check_cfg)
     return patcher
 
 

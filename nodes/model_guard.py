@@ -3,13 +3,15 @@ a black image, running out of memory, or ignoring /interrupt.
 
 - Around every diffusion-model call: a NaN schedule (shift, sigmas), a NaN conditioning (text encoder), an input
   too large for the CPU's RAM, a ControlNet of another width, and a NaN/inf output are refused with the cause.
-- After every CFG step: a NaN or infinite cfg is refused (the model never sees cfg).
+- After every CFG step: a NaN or infinite cfg is refused (the model never sees cfg), and a cfg above 1 on Turbo
+  gets a warning.
 - On the VAE: a decode or encode that produced NaN/inf is refused, naming the VAE.
 - In every transformer block and VAE block: a check for /interrupt, so that one slow step or decode (a large
   image on a CPU) stops within a block's time rather than the whole call's.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint_format import ZImageFileError
+
+log = logging.getLogger("comfyui-zimage")
 
 GUARD_KEY = "zimage-guard"
 
@@ -121,14 +125,39 @@ def guard_model_call(executor, x, timesteps, *args, **kwargs):
     return out
 
 
-def refuse_nonfinite_cfg(args: dict):
-    """A post-CFG function: ComfyUI accepts cfg NaN (no range check holds for NaN), and the mix of cond and uncond
-    then turns the whole latent NaN."""
+def check_cfg(args: dict):
+    """A post-CFG function. ComfyUI accepts cfg NaN (no range check holds for NaN), and the mix of cond and uncond
+    then turns the whole latent NaN: refuse it. Turbo is distilled to run without CFG: a cfg above 1 (the articles'
+    workflows use 7) burns the picture and doubles the work, so say so once per prompt."""
     scale = args["cond_scale"]
     if not math.isfinite(float(scale)):
         raise NonFiniteOutput(f"cfg is {scale}: it must be a finite number (Z-Image Turbo: 1, Base: about 4). Set the "
                               "sampler's cfg.")
+    if scale > 1.0 and getattr(args.get("model"), "zimage_variant", None) == "turbo":
+        warn_once(f"cfg {scale:g} on Z-Image Turbo: Turbo is distilled for cfg 1 (no negative prompt); a higher cfg "
+                  "over-saturates the picture and takes twice the time. Wire the loader's cfg output to the sampler, or "
+                  "set cfg to 1.")
     return args["denoised"]
+
+
+_warned: set = set()
+
+
+def warn_once(message: str) -> None:
+    """A warning in the log and, as a toast, in the canvas (web/warnings.js), once per prompt."""
+    try:
+        from server import PromptServer
+
+        server = PromptServer.instance
+        key = (getattr(server, "last_prompt_id", None), message)
+    except (ImportError, AttributeError):
+        server, key = None, (None, message)
+    if key in _warned:
+        return
+    _warned.add(key)
+    log.warning("%s", message)
+    if server is not None:
+        server.send_sync("zimage.warning", {"message": message, "prompt_id": key[0]}, getattr(server, "client_id", None))
 
 
 def check_interrupt(module, inputs):

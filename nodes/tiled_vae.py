@@ -310,7 +310,8 @@ def run_tiled(vae, work: Callable[[Budget], torch.Tensor], latent_shape, tile: i
         tile = auto_tile(vae, latent_shape, device, store_bytes if store == device or device.type == "cpu" else 0)
     while True:
         budget = Budget(device, dtype, store, tile, image_side)
-        budget.pbar = comfy.utils.ProgressBar(steps(budget))
+        if (n := steps(budget)) > 1:  # a one-tile image is one call: a 1/1 bar would say nothing
+            budget.pbar = comfy.utils.ProgressBar(n)
         try:
             with torch.inference_mode():
                 return work(budget)

@@ -9,11 +9,13 @@ import comfy.patcher_extension
 import comfy.sample
 import comfyui_zimage
 import folder_paths
+import numpy as np
 import pytest
 import torch
 from comfyui_zimage.nodes import entropy_attention as ea
 from comfyui_zimage.nodes import kgen_probe as kg
 from comfyui_zimage.nodes.loader import ZImageCheckpointLoader
+from PIL import Image
 
 # ---------------------------------------------------------------------------------------------------
 # Maths on exact synthetic data.
@@ -137,6 +139,11 @@ def test_probe_does_not_change_the_result_and_counts_one_nfe_per_guided_evaluati
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] > 100
     saved = dirs / "output" / r["saved_to"]
     assert json.loads(saved.read_text(encoding="utf-8"))["k_gen"] == r["k_gen"]
+    # The plot beside it, under the same name, is the image the node outputs.
+    assert r["plot"] == r["saved_to"].removesuffix(".json") + ".png"
+    plotted = np.asarray(Image.open(dirs / "output" / r["plot"]).convert("RGB"))
+    assert plotted.shape == tuple(image.shape[1:])
+    assert np.abs(plotted.astype(np.float32) - image[0].numpy() * 255).max() <= 1.0
 
 
 def test_two_evaluations_per_step_samplers_count_both(nano, dirs):
@@ -294,4 +301,12 @@ def test_non_finite_figures_become_null_so_the_json_stays_standard():
 @pytest.mark.parametrize("prefix", ["zimage-kgen/a\0b", "x" * 300])
 def test_an_unusable_filename_prefix_is_a_message(dirs, prefix):
     with pytest.raises(kg.KGenError, match="not a usable file name"):
-        kg.save_json(prefix, {"k_gen": 1.0})
+        kg.save_report(prefix, {"k_gen": 1.0}, torch.zeros(1, 8, 8, 3))
+
+
+def test_summary_lines_write_a_negative_intercept_as_a_minus():
+    report = {"k_gen": 2.50111, "label": "z-image-turbo", "device": "cpu", "resolution": "128x128", "batch": 1, "nfe": 9,
+              "seconds": 3.598404, "fit": {"slope": 1.5, "intercept": -5.0744, "r2": 0.91, "k_gen_c_text": 1.5}}
+    lines = kg.summary_lines(report)
+    assert lines[0].endswith("9 NFE in 3.598 s, k_gen = 2.501 s⁻¹")
+    assert "1.500·t − 5.074" in lines[1] and "+ -" not in lines[1]

@@ -36,6 +36,25 @@ def test_plugin_registers_the_loader(client):
     assert info["input"]["required"]["model"][1]["tooltip"]
 
 
+def test_the_shipped_nano_files_are_offered_by_our_loader_only(client):
+    """Core's loaders cannot load nano files (their sizes are in no detection table), so they must not list them;
+    the user's own files (the tiny fixtures here) stay in both."""
+    inputs = client.object_info("ZImageCheckpointLoader")["ZImageCheckpointLoader"]["input"]
+    ours = {**inputs["required"], **inputs.get("optional", {})}
+
+    def options(spec):  # V1 ([list], {...}) on older core, V3 ("COMBO", {"options": [...]}) on newer
+        return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+
+    assert "diffusion_models/nano_zimage_turbo.safetensors" in options(ours["model"])
+    assert "nano_qwen3.safetensors" in options(ours["text_encoder"]) and "nano_ae.safetensors" in options(ours["vae"])
+    for node, input_name, user_file in (("UNETLoader", "unet_name", "tiny-zimage-turbo_bf16.safetensors"),
+                                        ("CLIPLoader", "clip_name", "tiny-qwen3_bf16.safetensors"),
+                                        ("VAELoader", "vae_name", "tiny-ae.safetensors")):
+        listed = options(client.object_info(node)[node]["input"]["required"][input_name])
+        assert user_file in listed
+        assert not [name for name in listed if name.startswith("nano_")], f"{node} lists the package's nano files"
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_every_format_samples_with_core_nodes(client, source):
     result = client.run(sampling_graph(source, prefix="fmt"), timeout=300)
@@ -114,3 +133,22 @@ def test_web_extension_is_served(client):
     assert set(ours) == {p.name for p in (REPO_ROOT / "web").glob("*.js")}, scripts
     for url in ours.values():
         assert b"registerExtension" in client.get_bytes(url)
+
+
+def test_only_the_model_file_is_needed_and_cfg_above_1_on_turbo_is_a_warning(client):
+    """Users coming from CheckpointLoaderSimple set one file; the articles' cfg 7 on Turbo runs, with a warning in
+    the canvas (a toast: the message comes over /ws) that names the fix."""
+    graph = sampling_graph("diffusion_models/nano_zimage_turbo.safetensors")
+    graph["1"]["inputs"] = {"model": "diffusion_models/nano_zimage_turbo.safetensors"}
+    graph["6"]["inputs"]["cfg"] = 7.0
+    warnings = []
+    result = client.run(graph, timeout=300,
+                        on_message=lambda m: warnings.append(m["data"]) if m.get("type") == "zimage.warning" else None)
+    assert result.status == "success", result.error
+    assert len(warnings) == 1 and "cfg 7 on Z-Image Turbo" in warnings[0]["message"]
+    assert warnings[0]["prompt_id"] == result.prompt_id
+    graph["6"]["inputs"]["cfg"] = 1.0
+    warnings.clear()
+    assert client.run(graph, timeout=300, on_message=lambda m: warnings.append(m) if m.get("type") == "zimage.warning"
+                      else None).status == "success"
+    assert not warnings

@@ -8,7 +8,7 @@ const ZIMAGE_BGCOLOR = "#29506a";
 // This package's node ids: used only where the server gives no python_module for a node definition.
 const OWN_NODES = new Set([
   "ZImageCheckpointLoader", "ZImageTiledVAEDecode", "ZImageTiledVAEEncode", "ZImageEntropyPrunedAttention",
-  "ZImagePruningReport", "ZImageKGenProbe", "ZImageKGenReport", "ZImageChineseTextEncode",
+  "ZImagePruningReport", "ZImageKGenProbe", "ZImageKGenReport", "ZImageChineseTextEncode", "ZImageExampleImage",
 ]);
 
 // ComfyUI serves this package's web folder at /extensions/<folder>/ and gives its nodes the python_module
