@@ -1,7 +1,7 @@
 """The shipped nano family through a real ComfyUI server: the bundled workflows run and draw what they can.
 
-The current weights get colours, backgrounds and places right and most shapes and counts, and about three edits in
-four (issue 3's bar: see bench/RESULTS.md); these tests hold the part that is met, so a regression in it fails.
+The detector's scores of the current weights are in bench/RESULTS.md; these tests hold what the weights draw right
+(colours, backgrounds, places, most shapes and counts, most edits), so a regression in it fails.
 """
 from __future__ import annotations
 
