@@ -51,14 +51,14 @@ LATENT_SHIFT, LATENT_SCALE = 0.1159, 0.3611  # ComfyUI's Flux latent format, whi
 # The shape codes: the VAE's last four latent channels are taught to hold, per 8x8 block, how much of it each
 # shape kind covers (x2). A DiT then paints a shape the way it paints a colour, as a value over the object's
 # footprint, and the decoder (trained on blurred, noisy latents too) draws the outline; left free, the DiT drew
-# every shape as a blob (bench/RESULTS.md).
+# every shape as a blob (docs/nano-recipe.md).
 SHAPE_CODES = slice(12, 16)
 SHAPE_CODE_SCALE, CODE_GAIN = 2.0, 4.0
 CODE_LOSS_WEIGHT = 4.0  # the DiT read the shape words weakly; with the codes weighted up it learns them sooner
 # The colour codes: three channels before the shape codes hold, per 8x8 block, which object colour covers it, each
 # colour a direction of its own (+-axis; the pairs that share an axis are far apart anyway). Left free, the encoder put
 # orange and yellow 1.3 apart in the latent (purple and blue 2.6, red and orange 2.8; other pairs up to 9.6), and those
-# were the colours the DiTs mixed up: orange objects shading into yellow, purple recoloured blue (bench/RESULTS.md).
+# were the colours the DiTs mixed up: orange objects shading into yellow, purple recoloured blue (docs/nano-recipe.md).
 COLOUR_CODES = slice(9, 12)
 COLOUR_CODE_AXES = {"red": (0, 1), "green": (0, -1), "orange": (1, 1), "blue": (1, -1), "yellow": (2, 1), "purple": (2, -1)}
 COLOUR_CODE_LOSS_WEIGHT = 2.0
@@ -91,7 +91,7 @@ class Plan:
     decoder_mottle_size: float = 0.6  # how far, at most (normalised latent units; free, orange to yellow was 1.3)
     decoder_crop: int = 64  # px: the decoder learns on windows of whole images' latents (0: whole images)
     decoder_whole_steps: int = 600  # then on whole images (`finetune_decoder`; its loss was flat after 600 of 1000)
-    base_steps: int = 8000  # 99.8 % (bar 90); 5000 scored 90.9, and edit stages on that base were weaker (RESULTS.md)
+    base_steps: int = 8000  # 99.8 % (bar 90); 5000 scored 90.9, and edit stages on that base were weaker (docs/nano-recipe.md)
     turbo_steps: int = 300  # 99.6 %, base 99.8 (500 read 99.8, 800 96-99.6)
     edit_steps: int = 3600  # 86 %, in 116.5 min of stage clocks (4000 read 87 % in 122.4 min)
     batch: int = 32
@@ -387,7 +387,7 @@ def degrade_latents(z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """What a DiT's samples look like to the decoder, which learns to draw crisp outlines from them rather than trust
     every latent pixel: half the batch blurred (by a random amount) and noised; then a quarter with only the colour
     channels blurred, the shape codes kept, so the outline is drawn from the codes (which a DiT gets right far more
-    often than the exact footprint: bench/RESULTS.md)."""
+    often than the exact footprint: docs/nano-recipe.md)."""
     b = z.shape[0]
     pick = (torch.rand(b, 1, 1, 1, generator=gen) < 0.5).to(z.device)
     amount = torch.rand(b, 1, 1, 1, generator=gen).to(z.device)
@@ -403,7 +403,7 @@ def degrade_latents(z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def fat_footprints(z: torch.Tensor, degraded: torch.Tensor, gen: torch.Generator, share: float) -> torch.Tensor:
     """For `share` of the batch, the clean latents with the colour channels blurred once or twice (3x3) and the shape
     codes kept, else `degraded`. A DiT paints a star's colour a little wider than its outline while its codes say
-    "star" as loudly as a render's; the decoder drew those as fat stars, read as triangles (bench/RESULTS.md)."""
+    "star" as loudly as a render's; the decoder drew those as fat stars, read as triangles (docs/nano-recipe.md)."""
     b = z.shape[0]
     pick = (torch.rand(b, 1, 1, 1, generator=gen) < share).to(z.device)
     twice = (torch.rand(b, 1, 1, 1, generator=gen) < 0.5).to(z.device)
@@ -418,7 +418,7 @@ def mottled_colours(z: torch.Tensor, gen: torch.Generator, share: float, size: f
     and upsampled, its norm up to `size` normalised latent units; the shape codes are kept. Before the colour codes,
     orange and yellow lay 1.3 apart in the latent (red and orange 2.8), and the DiT painted orange objects drifting
     from orange to yellow, which the detector reads as two objects. Shown drifts under half that distance, the decoder
-    learnt to draw one clean colour through the small ones (bench/RESULTS.md)."""
+    learnt to draw one clean colour through the small ones (docs/nano-recipe.md)."""
     b, colours = z.shape[0], SHAPE_CODES.start
     pick = (torch.rand(b, 1, 1, 1, generator=gen) < share).float()
     field = torch.nn.functional.interpolate(torch.randn(b, colours, 4, 4, generator=gen), size=z.shape[-2:],
@@ -484,7 +484,7 @@ def train_vae(work: Path, plan: Plan, device, seed: int) -> VAE:
 def edge_weights(x: torch.Tensor, edge: float) -> torch.Tensor:
     """Per pixel, 1 + `edge` on and next to an outline (a colour step in the image), else 1. The plain loss let the
     decoder round off a small star's points, which the detector then read as a triangle or circle: small stars
-    were 11 of the 12 misread round trips of the evaluation's scenes (bench/RESULTS.md)."""
+    were 11 of the 12 misread round trips of the evaluation's scenes (docs/nano-recipe.md)."""
     step = (x - blur3(x)).abs()
     outline = (step.amax(dim=1, keepdim=True) > 0.02).float()
     return 1.0 + edge * torch.nn.functional.max_pool2d(outline, 3, stride=1, padding=1)

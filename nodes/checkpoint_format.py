@@ -20,8 +20,8 @@ TEXT_ENCODER_PREFIXES = ("text_encoders.qwen3_4b.transformer.", "text_encoders.q
                          "cond_stage_model.", "")
 VAE_PREFIXES = ("vae.", "first_stage_model.", "")
 
-# Recommended sampling per variant: what the official ComfyUI workflows use (turbo: 9 steps = 8 NFEs
-# with res_multistep at cfg 1; base: CFG with a negative prompt; edit: reference-guided, 20 NFEs).
+# Recommended sampling per variant: what the official ComfyUI workflows use (turbo: 9 steps of res_multistep at
+# cfg 1, which the k_gen report counts as 9 NFEs; base: CFG with a negative prompt; edit: reference-guided).
 SAMPLING_SETTINGS = {
     "turbo": {"steps": 9, "cfg": 1.0, "shift": 3.0, "sampler": "res_multistep", "scheduler": "simple"},
     "base": {"steps": 30, "cfg": 4.0, "shift": 3.0, "sampler": "res_multistep", "scheduler": "simple"},
