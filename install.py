@@ -12,8 +12,9 @@
     virtual environment), beside the default runtime, and the job or the whole suite runs on it.
 
 Inside an existing ComfyUI (this folder sits in ``custom_nodes/`` or ``COMFYUI_PATH`` is set) only the
-plugin's own dependencies are installed, into the interpreter running this script (ComfyUI-Manager runs
-it that way). On a bare machine, ComfyUI 0.3.75 is provisioned into ``.comfyui/`` with its own virtual
+plugin's own dependencies (requirements.txt: the nodes' and the client's) are installed, into the interpreter
+running this script (ComfyUI-Manager runs it that way); ``run`` and ``test`` there install them first if the
+client's are missing. On a bare machine, ComfyUI 0.3.75 is provisioned into ``.comfyui/`` with its own virtual
 environment in ``.venv/`` (both git-ignored), and this plugin is linked into its ``custom_nodes/``.
 Any other ComfyUI source is provisioned the same way into its own folder under ``.runtimes/``.
 This script uses the standard library only, so it runs before anything is installed.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -52,6 +54,8 @@ TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
 SKIPPED_COMFY_REQUIREMENTS = ("torch", "torchvision", "torchaudio")
 TORCHAUDIO_PIN = "torchaudio==2.11.1"  # the newest on PyPI that installs beside torch 2.14.1
 PLUGIN_REQUIREMENTS = ROOT / "requirements.txt"
+# What zimage_client imports beyond the standard library (websocket-client, in requirements.txt).
+CLIENT_IMPORTS = ("websocket",)
 # The browser tests: Debian's chromium (and a CJK font, so Chinese text renders in it) drives the real
 # frontend through playwright-core from npm, pinned in tests/browser/package-lock.json.
 BROWSER_DIR = ROOT / "tests" / "browser"
@@ -280,11 +284,20 @@ def ensure_browser_tools() -> None:
         log(f"could not install the browser tools ({e}); the browser tests will be skipped")
 
 
+def install_plugin_requirements(comfy: Path) -> None:
+    """Into the interpreter running this script, which inside an existing ComfyUI is ComfyUI's own."""
+    log(f"installing plugin dependencies for the ComfyUI at {comfy}")
+    pip_install(sys.executable, "-r", str(PLUGIN_REQUIREMENTS))
+
+
+def missing_client_imports() -> list[str]:
+    return [name for name in CLIENT_IMPORTS if importlib.util.find_spec(name) is None]
+
+
 def install(args: argparse.Namespace) -> int:
     comfy = existing_comfyui()
     if comfy is not None and args.comfyui is None:
-        log(f"installing plugin dependencies for the ComfyUI at {comfy}")
-        pip_install(sys.executable, "-r", str(PLUGIN_REQUIREMENTS))
+        install_plugin_requirements(comfy)
         return 0
     provision_bare(force=args.force, runtime=source_runtime(args.comfyui) if args.comfyui else DEFAULT_RUNTIME)
     return 0
@@ -302,7 +315,10 @@ def run_in_runtime(module: str, argv: list[str], source: str | None = None) -> i
         env["ZIMAGE_COMFYUI_DIR"] = str(runtime.comfy_dir)
     else:
         python = sys.executable
-        env.setdefault("ZIMAGE_COMFYUI_DIR", str(existing_comfyui()))
+        comfy = existing_comfyui()
+        if missing_client_imports():
+            install_plugin_requirements(comfy)
+        env.setdefault("ZIMAGE_COMFYUI_DIR", str(comfy))
     return subprocess.run([python, "-m", module, *argv], cwd=ROOT, env=env).returncode
 
 
