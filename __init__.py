@@ -19,7 +19,7 @@ def register_model_folders() -> None:
 async def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension
 
-    from .nodes import chinese_text, entropy_attention, kgen_probe, loader, tiled_vae
+    from .nodes import chinese_text, entropy_attention, example_images, kgen_probe, loader, tiled_vae
 
     register_model_folders()
     from server import PromptServer
@@ -30,6 +30,7 @@ async def comfy_entrypoint():
         async def get_node_list(self):
             return [loader.ZImageCheckpointLoader, tiled_vae.ZImageTiledVAEDecode, tiled_vae.ZImageTiledVAEEncode,
                     entropy_attention.ZImageEntropyPrunedAttention, entropy_attention.ZImagePruningReport,
-                    kgen_probe.ZImageKGenProbe, kgen_probe.ZImageKGenReport, chinese_text.ZImageChineseTextEncode]
+                    kgen_probe.ZImageKGenProbe, kgen_probe.ZImageKGenReport, chinese_text.ZImageChineseTextEncode,
+                    example_images.ZImageExampleImage]
 
     return ZImageExtension()

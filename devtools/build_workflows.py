@@ -4,8 +4,8 @@
 
 1. tests/browser/build_workflows.mjs builds every workflow in the real frontend and writes workflows/<name>.json
    (UI format) and workflows/api/<name>.json (the frontend's own export of it);
-2. each API twin runs on the nano models and its images become workflows/<name>.jpg, the thumbnail ComfyUI's
-   template browser shows.
+2. each API twin runs on the nano models, on the fresh server as it is (nothing uploaded: a bundled workflow must
+   run as it opens), and its images become workflows/<name>.jpg, the thumbnail ComfyUI's template browser shows.
 Needs node, chromium and tests/browser/node_modules (`python3 install.py test` installs them).
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 from PIL import Image
 
 from zimage_client.server import ComfyServer
-from zimage_client.submit import upload_inputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO_ROOT / "workflows"
@@ -63,17 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             path = WORKFLOWS / "api" / f"{name}.json"
             prompt = json.loads(path.read_text(encoding="utf-8"))
-            upload_inputs(client, prompt, path)
             result = client.run(prompt, timeout=900)
             if result.status != "success":
                 raise SystemExit(f"{name} failed: {result.error}")
-            # The workflow's pictures: saved images, else previews; never the k_gen plot.
+            # The workflow's pictures: saved images, else previews; never the k_gen plot. In the prompt's node order,
+            # not the order the nodes ran in (independent branches may run either way round), so that each edit's
+            # result sits under its input picture.
             report_ids = {i for i, node in prompt.items() if node["class_type"] == "ZImageKGenReport"}
-            shown = [img for node_id, out in result.outputs.items() if node_id not in report_ids for img in out.get("images", [])]
+            shown = [img for node_id in prompt if node_id in result.outputs and node_id not in report_ids
+                     for img in result.outputs[node_id].get("images", [])]
             pictures = [Image.open(io.BytesIO(client.view(img))) for img in shown]
-            # An edit's thumbnail shows its input pictures above what the workflow made of them.
+            # An edit's thumbnail shows its example pictures above what the workflow made of them.
             inputs = [Image.open(WORKFLOWS / node["inputs"]["image"]) for node in prompt.values()
-                      if node["class_type"] == "LoadImage"]
+                      if node["class_type"] == "ZImageExampleImage"]
             pictures = inputs + pictures
             thumbnail(pictures).save(WORKFLOWS / f"{name}.jpg", quality=88, optimize=True)
             print(f"{name}: {len(pictures)} picture(s) -> workflows/{name}.jpg", flush=True)

@@ -26,7 +26,7 @@ ARTEFACTS = REPO_ROOT / "test-artifacts" / "browser"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 WORKFLOWS = WORKFLOW_MENU  # name -> label in the Z-Image menu (test_workflows.py checks it against the folder)
 PLUGIN_NODES = ("ZImageCheckpointLoader", "ZImageTiledVAEDecode", "ZImageTiledVAEEncode", "ZImageEntropyPrunedAttention",
-                "ZImagePruningReport", "ZImageKGenProbe", "ZImageKGenReport", "ZImageChineseTextEncode")
+                "ZImagePruningReport", "ZImageKGenProbe", "ZImageKGenReport", "ZImageChineseTextEncode", "ZImageExampleImage")
 COLOURS = {"#1f3a4d", "#29506a"}  # web/appearance.js: color, bgcolor
 BGCOLOR = "#29506a"
 
@@ -48,13 +48,6 @@ def scenario(which: str, **params) -> dict:
         pytest.fail(f"browser scenario {which} timed out:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     assert proc.returncode == 0, f"browser scenario {which} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
     return json.loads(stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def uploaded(client):
-    """The edit workflow's pictures, uploaded as a user uploads them (they ship beside the workflows)."""
-    for name in ("zimage-edit-example.png", "zimage-inpaint-example.png"):
-        client.upload_image(name, (REPO_ROOT / "workflows" / name).read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,7 @@ def other_nodes(object_info) -> list[str]:
 
 
 @pytest.mark.parametrize("name", list(WORKFLOWS))
-def test_bundled_workflow_loads_exports_its_api_twin_runs_and_shows_its_images(server, uploaded, name):
+def test_bundled_workflow_loads_exports_its_api_twin_runs_and_shows_its_images(server, name):
     result = scenario("workflow", url=server.url, name=name, label=WORKFLOWS[name])
     assert result["loadDialogs"] == [], result["loadDialogs"]
     assert result["tab"] == f"{name}.json" or result["tab"] == name
@@ -126,6 +119,8 @@ def test_bundled_workflows_are_in_the_template_browser_with_thumbnails(server):
                       else "comfyui-zimage", expected=len(WORKFLOWS))
     names = {card["name"]: card for card in result["cards"]}  # newer frontends show badges ("Node graph") too
     assert set(WORKFLOWS) <= set(names), names
+    # In the Z-Image menu's order, turbo first (web/workflows.js orders the list the frontend reads).
+    assert [card["name"] for card in result["cards"] if card["name"] in WORKFLOWS] == list(WORKFLOWS), result["cards"]
     for name in WORKFLOWS:
         assert all(img["loaded"] for img in names[name]["images"]), names[name]
         assert (REPO_ROOT / "workflows" / f"{name}.jpg").is_file()

@@ -12,7 +12,11 @@ const TURBO = "diffusion_models/nano_zimage_turbo.safetensors";
 const BASE = "diffusion_models/nano_zimage_base.safetensors";
 const EDIT = "diffusion_models/nano_zimage_edit.safetensors";
 
-const REAL_FILES = `## Switch to the real Z-Image files
+// A node's title: its role, capitalised, or in the edit workflow its group's prefix ("Edit: ", "Inpaint: ") and the
+// role. The notes name nodes by these titles. A title holds ": " only after a group's prefix, since clients read
+// the group from what comes before it.
+const named = (prefix, role) => (prefix ? `${prefix}${role}` : role[0].toUpperCase() + role.slice(1));
+const realFiles = ({ prefix = "", fixedSteps = null } = {}) => `## Switch to the real Z-Image files
 This workflow runs on the **nano** models that ship with comfyui-zimage, so it works at once on any machine (tiny, 128 px, simple shapes).
 
 For real pictures put the official files in ComfyUI's model folders:
@@ -20,20 +24,26 @@ For real pictures put the official files in ComfyUI's model folders:
 - \`models/text_encoders/qwen_3_4b.safetensors\`
 - \`models/vae/ae.safetensors\`
 
-\`python3 install.py download\` fetches them (about 20 GB, needs internet). Then choose the model in **Z-Image Checkpoint Loader** and set text_encoder and vae to those files (or \`auto\`). Steps, cfg, shift, sampler and scheduler are wired from the loader, so they follow the model. Set the image size to 1024 × 1024.`;
+\`python3 install.py download\` fetches them (about 20 GB, needs internet). Then choose the model in **${named(prefix, "load model")}** (a Z-Image Checkpoint Loader) and set text_encoder and vae to those files (or \`auto\`). ${fixedSteps === null
+    ? "Steps, cfg, shift, sampler and scheduler are wired from the loader, so they follow the model."
+    : `Cfg, shift, sampler and scheduler are wired from the loader, so they follow the model; the sampler runs a fixed ${fixedSteps} steps, the number the benchmark measures.`} Set the image size to 1024 × 1024.`;
 
-const PRUNING = `## Faster attention (optional)
-**Z-Image Entropy-Pruned Attention** is bypassed (purple). Select it and press **Ctrl+B** to switch it on: after 2 calibration steps it skips the attention heads with the flattest maps. keep_ratio 0.75 is the safe default; 0.6 is faster (see bench/RESULTS.md).`;
+const pruningNote = (prefix = "") => `## Faster attention (optional)
+**${named(prefix, "entropy-pruned attention")}** is bypassed (purple). Select it and press **Ctrl+B** to switch it on: after 2 calibration steps it skips the attention heads with the flattest maps. keep_ratio 0.75 is the safe default; 0.6 is faster (see bench/RESULTS.md).`;
 
 const KGEN = `## k_gen
-**Z-Image k_gen Probe** records every model call; **Z-Image k_gen Report** shows k_gen = NFE / Δt, the convergence I(t) and its fit after the run, and appends the run to a history in your user folder.`;
+**Record model calls (k_gen)** records every model call; **k_gen report** shows k_gen = NFE / Δt, the convergence I(t) and its fit after the run, and appends the run to a history in your user folder.`;
 
 const EDIT_NOTE = `## Two ways to edit
-The example pictures are in this package's \`workflows/\` folder (\`zimage-edit-example.png\`, \`zimage-inpaint-example.png\`): upload them, or your own, with the *Load Image* nodes' upload button.
+**Top: instruction editing** (nano-edit). **Edit: instruction** says what to change in **Edit: picture to edit**: 把红色圆形改成绿色, move the square to the left, 删除三角形. The picture enters the model as reference tokens.
 
-**Top: instruction editing** (nano-edit). Upload a picture in *Load Image* and say what to change: 把红色圆形改成绿色, move the square to the left, 删除三角形. The picture enters the model as reference tokens.
+**Bottom: masked inpainting** (nano-turbo). The transparent pixels of **Inpaint: picture with a transparent hole** are repainted with what **Inpaint: what goes in the hole** describes; pixels outside the hole are kept exactly.
 
-**Bottom: masked inpainting** (nano-turbo). Upload a picture with a transparent hole (or right-click *Load Image* → Open in MaskEditor and paint one) and describe what goes there. Pixels outside the mask are kept exactly.`;
+## Your own pictures
+Both pictures come from **Z-Image Example Image** nodes, which read the examples that ship with this package, so the workflow runs as it opens. For a picture of your own add a **Load Image** node (double-click the canvas, type *Load Image*), upload the picture and connect its outputs where the example node's go.`;
+
+const INPAINT_NOTE = `## Your own picture
+Replace **Inpaint: picture with a transparent hole** with a **Load Image** node: its IMAGE goes to *Inpaint: encode the picture* and to the destination of *Inpaint: keep the pixels outside the hole*, its MASK to *Inpaint: mask the latent* and to the mask of *Inpaint: keep the pixels outside the hole*. Upload a picture with a transparent hole, or right-click the node → Open in MaskEditor and paint one.`;
 
 const SPEED_NOTE = `## Turbo speed test
 Measures generation kinetics: k_gen = NFE / Δt, Δt from the first model call to the last (loading is not counted), with a batch of 4 at a fixed seed. Run it several times: each run joins the history (label turbo-speed-test) and, once runs at 3 GPU temperatures exist, the report fits Arrhenius (E_a/R). On a GPU the report adds peak memory, temperature, clock and power. Images go to the temp folder only.`;
@@ -42,12 +52,13 @@ const QUALITY_NOTE = `## Base quality benchmark
 Runs the base model the way quality is judged (30 steps, cfg 4, negative prompt, fixed seed) and reports how the picture converges: I(t) on the latent and on its RGB preview, t₁ (when I reaches 0.95) and the fit 1/(1−I) = k_gen·C_text·t + b, with C_text from the prompt's real token statistics. Compare runs of the same prompt and seed across settings: the history keeps every run.`;
 
 // One spec per workflow, laid out in rows of columns (the builder stacks each column from the nodes' real
-// sizes, so nothing overlaps). Node: [id, type, {widgets}, {title, mode, h}]; note: ["note", id, markdown, h];
+// sizes, so nothing overlaps). Node: [id, type, {widgets}, {title, mode, h}]; note: ["note", id, markdown, h, title];
 // column: [width, ...items]; row: {title, color, columns}; links: [from id, output name, to id, input name].
+// Every node and note has a title of its own, unique in its workflow (tests/test_workflows.py checks it).
 const BYPASS = 4; // LiteGraph's mode for a node that passes its input through
-const loader = (id, model) => [id, "ZImageCheckpointLoader", { model, ...NANO }, {}];
-const pruning = (id) => [id, "ZImageEntropyPrunedAttention", {}, { mode: BYPASS, title: "Z-Image Entropy-Pruned Attention (Ctrl+B: on)" }];
-const sampler = (id, seed, widgets = {}) => [id, "KSampler", { seed, control_after_generate: "fixed", denoise: 1.0, ...widgets }, {}];
+const loader = (id, model, prefix = "") => [id, "ZImageCheckpointLoader", { model, ...NANO }, { title: named(prefix, "load model") }];
+const pruning = (id, prefix = "") => [id, "ZImageEntropyPrunedAttention", {}, { mode: BYPASS, title: named(prefix, "entropy-pruned attention (off, Ctrl+B)") }];
+const sampler = (id, seed, title, widgets = {}) => [id, "KSampler", { seed, control_after_generate: "fixed", denoise: 1.0, ...widgets }, { title }];
 const REPORT_W = 560;
 
 function textToImage({ name, model, text, negative, steps = null, batch = 1, label, imageSpace = false, preview = false, prefix, note = null }) {
@@ -55,14 +66,18 @@ function textToImage({ name, model, text, negative, steps = null, batch = 1, lab
     ? [4, "ConditioningZeroOut", {}, { title: "Negative (not used at cfg 1)" }]
     : [4, "ZImageChineseTextEncode", { text: negative }, { title: "Negative prompt", h: 150 }];
   const columns = [
-    [360, loader(1, model), [3, "ZImageChineseTextEncode", { text }, { title: "Positive prompt", h: 190 }], ...(negative === null ? [] : [negativeNode])],
-    [320, [2, "ModelSamplingAuraFlow", {}, {}], pruning(9), [10, "ZImageKGenProbe", { label }, {}], ...(negative === null ? [negativeNode] : [])],
+    [360, loader(1, model),
+      [3, "ZImageChineseTextEncode", { text }, { title: "Positive prompt", h: 190 }], ...(negative === null ? [] : [negativeNode])],
+    [320, [2, "ModelSamplingAuraFlow", {}, { title: "Sampling shift" }], pruning(9),
+      [10, "ZImageKGenProbe", { label }, { title: "Record model calls (k_gen)" }], ...(negative === null ? [negativeNode] : [])],
     [300, [5, "EmptySD3LatentImage", { width: 128, height: 128, batch_size: batch }, { title: "Image size" }],
-      sampler(6, 42, steps === null ? {} : { steps })],
-    [320, [7, "ZImageTiledVAEDecode", {}, {}],
-      preview ? [8, "PreviewImage", {}, { h: 320 }] : [8, "SaveImage", { filename_prefix: prefix }, { h: 320 }]],
-    [REPORT_W, [11, "ZImageKGenReport", { image_space: imageSpace }, { h: 560 }], ["note", 22, KGEN, 110]],
-    [400, ["note", 20, REAL_FILES, 330], ["note", 21, PRUNING, 150], ...(note ? [["note", 23, note, 250]] : [])],
+      sampler(6, 42, "Sampler", steps === null ? {} : { steps })],
+    [320, [7, "ZImageTiledVAEDecode", {}, { title: "Decode to pixels" }],
+      preview ? [8, "PreviewImage", {}, { title: "Preview (temp folder only)", h: 320 }]
+        : [8, "SaveImage", { filename_prefix: prefix }, { title: "Save picture", h: 320 }]],
+    [REPORT_W, [11, "ZImageKGenReport", { image_space: imageSpace }, { title: "k_gen report", h: 560 }], ["note", 22, KGEN, 110, "About k_gen"]],
+    [400, ["note", 20, realFiles({ fixedSteps: steps }), 330, "Switch to the real files"],
+      ["note", 21, pruningNote(), 150, "Faster attention"], ...(note ? [["note", 23, note.text, 250, note.title]] : [])],
   ];
   const links = [
     [1, "MODEL", 2, "model"], [1, "shift", 2, "shift"], [2, "MODEL", 9, "model"], [9, "MODEL", 10, "model"],
@@ -81,36 +96,47 @@ const SPECS = [
   textToImage({ name: "zimage-turbo", model: TURBO, text: "蓝色背景上的红色圆形", negative: null, label: "zimage-turbo", prefix: "zimage-turbo" }),
   textToImage({ name: "zimage-base", model: BASE, text: "白色背景上的三个黄色星形", negative: "模糊，变形", label: "zimage-base", prefix: "zimage-base" }),
   textToImage({ name: "zimage-turbo-speed-test", model: TURBO, text: "灰色背景上的两个绿色正方形", negative: null, batch: 4,
-    label: "turbo-speed-test", preview: true, note: SPEED_NOTE }),
+    label: "turbo-speed-test", preview: true, note: { title: "About the speed test", text: SPEED_NOTE } }),
   textToImage({ name: "zimage-base-quality-benchmark", model: BASE, text: "黑色背景上左边的一个紫色三角形", negative: "模糊，变形",
-    steps: 30, label: "base-quality-benchmark", imageSpace: true, prefix: "zimage-base-quality", note: QUALITY_NOTE }),
+    steps: 30, label: "base-quality-benchmark", imageSpace: true, prefix: "zimage-base-quality",
+    note: { title: "About the quality benchmark", text: QUALITY_NOTE } }),
   {
     name: "zimage-edit",
+    // Each group's titles start with its prefix, by which a client addresses the group ("Edit: ", "Inpaint: ").
     rows: [
       { // Instruction editing with nano-edit: the picture enters as reference latent tokens.
         title: "Instruction editing (nano-edit)", color: "#3f789e",
         columns: [
-          [360, loader(1, EDIT), [3, "ZImageChineseTextEncode", { text: "把红色圆形改成绿色" }, { title: "Instruction", h: 160 }],
-            [4, "ZImageChineseTextEncode", { text: "" }, { title: "Negative prompt", h: 130 }]],
-          [320, [2, "ModelSamplingAuraFlow", {}, {}], pruning(9), [10, "ZImageKGenProbe", { label: "zimage-edit" }, {}]],
-          [300, [12, "LoadImage", { image: "zimage-edit-example.png" }, { title: "Picture to edit", h: 330 }], [13, "ZImageTiledVAEEncode", {}, {}]],
-          [300, [14, "ReferenceLatent", {}, { title: "Reference (positive)" }], [15, "ReferenceLatent", {}, { title: "Reference (negative)" }],
-            sampler(6, 42)],
-          [300, [7, "ZImageTiledVAEDecode", {}, {}], [8, "SaveImage", { filename_prefix: "zimage-edit" }, { h: 300 }]],
-          [REPORT_W, [11, "ZImageKGenReport", {}, { h: 560 }]],
-          [420, ["note", 20, EDIT_NOTE, 260], ["note", 21, REAL_FILES, 400], ["note", 22, PRUNING, 170]],
+          [360, loader(1, EDIT, "Edit: "), [3, "ZImageChineseTextEncode", { text: "把红色圆形改成绿色" }, { title: "Edit: instruction", h: 160 }],
+            [4, "ZImageChineseTextEncode", { text: "" }, { title: "Edit: negative prompt", h: 130 }]],
+          [320, [2, "ModelSamplingAuraFlow", {}, { title: "Edit: sampling shift" }], pruning(9, "Edit: "),
+            [10, "ZImageKGenProbe", { label: "zimage-edit" }, { title: "Edit: record model calls (k_gen)" }]],
+          [300, [12, "ZImageExampleImage", { image: "zimage-edit-example.png" }, { title: "Edit: picture to edit", h: 120 }],
+            [13, "ZImageTiledVAEEncode", {}, { title: "Edit: encode the picture" }]],
+          [300, [14, "ReferenceLatent", {}, { title: "Edit: reference (positive)" }], [15, "ReferenceLatent", {}, { title: "Edit: reference (negative)" }],
+            sampler(6, 42, "Edit: sampler")],
+          [300, [7, "ZImageTiledVAEDecode", {}, { title: "Edit: decode to pixels" }],
+            [8, "SaveImage", { filename_prefix: "zimage-edit" }, { title: "Edit: save", h: 300 }]],
+          [REPORT_W, [11, "ZImageKGenReport", {}, { title: "Edit: k_gen report", h: 560 }]],
+          [420, ["note", 20, EDIT_NOTE, 330, "Edit: two ways to edit, and your own pictures"],
+            ["note", 21, realFiles({ prefix: "Edit: " }), 400, "Edit: switch to the real files"],
+            ["note", 22, pruningNote("Edit: "), 170, "Edit: faster attention"]],
         ],
       },
-      { // Masked inpainting with nano-turbo: the upload's transparent pixels are repainted, the rest kept.
+      { // Masked inpainting with nano-turbo: the picture's transparent pixels are repainted, the rest kept.
         title: "Masked inpainting (nano-turbo)", color: "#8a8a3f",
         columns: [
-          [360, loader(31, TURBO), [33, "ZImageChineseTextEncode", { text: "一个绿色圆形" }, { title: "What goes in the hole", h: 160 }]],
-          [320, [32, "ModelSamplingAuraFlow", {}, {}], [34, "ConditioningZeroOut", {}, { title: "Negative (not used at cfg 1)" }]],
-          [300, [35, "LoadImage", { image: "zimage-inpaint-example.png" }, { title: "Picture with a transparent hole", h: 330 }],
-            [36, "ZImageTiledVAEEncode", {}, {}]],
-          [300, [37, "SetLatentNoiseMask", {}, {}], sampler(38, 3)],
-          [300, [39, "ZImageTiledVAEDecode", {}, {}], [40, "ImageCompositeMasked", { x: 0, y: 0, resize_source: false }, { title: "Keep the pixels outside the hole" }]],
-          [320, [41, "SaveImage", { filename_prefix: "zimage-inpaint" }, { h: 300 }]],
+          [360, loader(31, TURBO, "Inpaint: "),
+            [33, "ZImageChineseTextEncode", { text: "一个绿色圆形" }, { title: "Inpaint: what goes in the hole", h: 160 }]],
+          [320, [32, "ModelSamplingAuraFlow", {}, { title: "Inpaint: sampling shift" }],
+            [34, "ConditioningZeroOut", {}, { title: "Inpaint: negative (not used at cfg 1)" }]],
+          [300, [35, "ZImageExampleImage", { image: "zimage-inpaint-example.png" }, { title: "Inpaint: picture with a transparent hole", h: 120 }],
+            [36, "ZImageTiledVAEEncode", {}, { title: "Inpaint: encode the picture" }]],
+          [300, [37, "SetLatentNoiseMask", {}, { title: "Inpaint: mask the latent" }], sampler(38, 3, "Inpaint: sampler")],
+          [340, [39, "ZImageTiledVAEDecode", {}, { title: "Inpaint: decode to pixels" }],
+            [40, "ImageCompositeMasked", { x: 0, y: 0, resize_source: false }, { title: "Inpaint: keep the pixels outside the hole" }]],
+          [320, [41, "SaveImage", { filename_prefix: "zimage-inpaint" }, { title: "Inpaint: save", h: 300 }],
+            ["note", 42, INPAINT_NOTE, 200, "Inpaint: your own picture"]],
         ],
       },
     ],
@@ -155,8 +181,9 @@ function build(spec) {
       for (const item of items) {
         let node, height;
         if (item[0] === "note") {
-          const [, id, text, h] = item;
+          const [, id, text, h, title] = item;
           node = add(id, LiteGraph.registered_node_types.MarkdownNote ? "MarkdownNote" : "Note");
+          node.title = title;
           node.widgets[0].value = text;
           height = h;
         } else {
