@@ -72,6 +72,12 @@ def test_the_client_runs_from_another_directory_with_the_plugin_folder_on_the_pa
                               capture_output=True, text=True, timeout=120)
     assert main_job.returncode == 0 and "usage" in main_job.stdout, main_job.stderr
 
+    # Or with no path set, by the client folder's own path.
+    by_path = subprocess.run([sys.executable, str(REPO_ROOT / "zimage_client"), "submit", str(WORKFLOW), "--server",
+                              f"http://127.0.0.1:{closed_port()}", "--out", str(elsewhere / "images")],
+                             cwd=elsewhere, env=client_env(), capture_output=True, text=True, timeout=120)
+    assert by_path.returncode == EXIT_UNREACHABLE and "cannot be reached" in by_path.stderr, by_path.stderr
+
 
 def test_install_into_an_existing_comfyui_gives_a_working_client(tmp_path):
     """A real install: a fresh interpreter standing for ComfyUI's, install.py run by it as ComfyUI-Manager does,

@@ -1,5 +1,6 @@
 """The API client (`python -m zimage_client submit`): flags set nodes found by type and wiring; runs, batches,
-resumes and error exit codes against a real ComfyUI server."""
+resumes and error exit codes against a real ComfyUI server (Ctrl-C: test_submit_interrupt.py; groups, the
+manifest and UI-format workflows without a server: test_submit_groups.py)."""
 from __future__ import annotations
 
 import json
@@ -63,8 +64,14 @@ def test_batch_mode_runs_every_line_with_bounded_concurrency_and_prints_a_summar
                         "--out", str(out), "--quiet"])
     assert code == 0
     assert len(list(out.glob("*.png"))) == 3 * 2  # each run's picture and k_gen plot
-    printed = capsys.readouterr().out
-    assert "| 3 | 左边的绿色正方形，黑色背景 | done | 2 |" in printed
+    assert len(list(out.glob("003_左边的绿色正方形-黑色背景_*.png"))) == 2  # named after the run and its prompt
+    captured = capsys.readouterr()
+    assert "| 3 | 左边的绿色正方形，黑色背景 | done | 2 |" in captured.out
+    assert "| # | prompt | status | files | queue wait s | run s | k_gen |" in captured.out
+    assert captured.err.count("the server runs them one at a time") == 1  # --concurrency only queues
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in records] == ["蓝色背景上的红色圆形", "three yellow stars on a white background",
+                                              "左边的绿色正方形，黑色背景"]
 
 
 def test_rejected_workflow_prints_node_errors_and_exits_2(server, tmp_path, capsys):

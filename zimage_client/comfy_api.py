@@ -31,7 +31,9 @@ class ServerUnreachable(ComfyError):
 
 
 class RunTimeout(ComfyError):
-    pass
+    def __init__(self, message: str, prompt_id: str = ""):
+        self.prompt_id = prompt_id  # still queued or running on the server: the caller may take it back
+        super().__init__(message)
 
 
 def format_rejection(payload: dict) -> str:
@@ -48,17 +50,31 @@ def format_rejection(payload: dict) -> str:
 @dataclass
 class RunResult:
     prompt_id: str
-    status: str  # "success", "error" or "interrupted"
+    status: str  # "success", "error", "interrupted", or "cancelled" (taken back before it started, or never queued)
     history: dict
     error: dict | None = None  # the execution_error message (node_id, node_type, exception_message, ...)
     progress: list = field(default_factory=list)  # (node, value, max) from /ws progress messages
+    queued_at: float | None = None  # time.monotonic() when /prompt accepted it
+    started_at: float | None = None  # when execution_start arrived
+    ended_at: float | None = None  # when the run finished, failed or was interrupted
 
     @property
     def outputs(self) -> dict:
         return self.history.get("outputs", {})
 
+    @property
+    def queue_seconds(self) -> float | None:
+        """Time spent waiting in the server's queue (behind other prompts)."""
+        end = self.started_at if self.started_at is not None else self.ended_at
+        return None if self.queued_at is None or end is None else end - self.queued_at
+
+    @property
+    def run_seconds(self) -> float | None:
+        """Time the server spent executing it."""
+        return None if self.started_at is None or self.ended_at is None else self.ended_at - self.started_at
+
     def images(self, types=("output",)) -> list[dict]:
-        """Images the run saved (type "output"); add "temp" for previews, such as the k_gen report's plot."""
+        """Images the run saved (type "output"); add "temp" for previews (PreviewImage)."""
         return [img for out in self.outputs.values() for img in out.get("images", []) if img.get("type", "output") in types]
 
 
@@ -91,7 +107,8 @@ class ComfyClient:
         """(HTTP status, JSON answer): error answers are returned, not raised, so callers can read them."""
         try:
             with self._request(path, data=json.dumps(payload).encode()) as r:
-                return r.status, json.loads(r.read())
+                body = r.read()
+                return r.status, json.loads(body) if body.strip() else {}  # POST /queue answers with no body
         except urllib.error.HTTPError as e:
             body = e.read()
             try:
@@ -132,8 +149,30 @@ class ComfyClient:
         with self._request("/upload/image", data=body, content_type=f"multipart/form-data; boundary={boundary}") as r:
             return json.loads(r.read())
 
-    def interrupt(self) -> None:
-        self._request("/interrupt", data=b"{}").close()
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        """Interrupt the running prompt; with a prompt id, servers that know the field interrupt only that prompt."""
+        self._request("/interrupt", data=json.dumps({"prompt_id": prompt_id} if prompt_id else {}).encode()).close()
+
+    def queue(self) -> dict:
+        """GET /queue: {"queue_running": [...], "queue_pending": [...]}, entries [number, prompt_id, prompt, ...]."""
+        return self.get_json("/queue")
+
+    def cancel(self, prompt_ids) -> tuple[list[str], list[str]]:
+        """Take prompts back: delete those still pending, interrupt the running one only if it is among them.
+
+        Returns (deleted, interrupted). Another client's prompt is never touched: the running entry is checked
+        first, because servers older than the /interrupt prompt_id field interrupt whatever runs."""
+        ids = set(prompt_ids)
+        if not ids:
+            return [], []
+        queue = self.queue()
+        pending = [entry[1] for entry in queue.get("queue_pending", []) if entry[1] in ids]
+        if pending:
+            self.post_json("/queue", {"delete": pending})
+        running = [entry[1] for entry in queue.get("queue_running", []) if entry[1] in ids]
+        for prompt_id in running:
+            self.interrupt(prompt_id)
+        return pending, running
 
     # -- websocket --------------------------------------------------------------------------------
     def connect(self) -> websocket.WebSocket:
@@ -143,23 +182,39 @@ class ComfyClient:
         except (OSError, websocket.WebSocketException) as e:
             raise ServerUnreachable(f"cannot open the websocket at {url}: {e}") from None
 
-    def run(self, prompt: dict, timeout: float = 600.0, on_message=None) -> RunResult:
-        """Queue a prompt and follow /ws until it finishes, fails or is interrupted; then read /history."""
+    def run(self, prompt: dict, timeout: float = 600.0, on_message=None, *, queue=None, stopped=None) -> RunResult:
+        """Queue a prompt and follow /ws until it finishes, fails or is interrupted; then read /history.
+
+        `queue(prompt)` replaces queue_prompt (a batch registers each prompt id, or returns None once it is
+        stopping: the result is then "cancelled"). `stopped()` turns true once the caller has taken its prompts
+        back from the server: a prompt deleted from the queue sends no message, so following ends there."""
         ws = self.connect()  # before queueing, so no message is missed
         try:
-            prompt_id = self.queue_prompt(prompt)
-            status, error, progress = self._follow(ws, prompt_id, timeout, on_message)
+            prompt_id = (queue or self.queue_prompt)(prompt)
+            if prompt_id is None:
+                return RunResult("", "cancelled", {})
+            result = self._follow(ws, prompt_id, timeout, on_message, stopped)
         finally:
             ws.close()
-        history = self._wait_history(prompt_id)
-        return RunResult(prompt_id, status, history, error, progress)
+        if result.status != "cancelled":
+            result.history = self._wait_history(prompt_id, wait=2.0 if stopped is not None and stopped() else 10.0)
+        return result
 
-    def _follow(self, ws, prompt_id: str, timeout: float, on_message):
-        deadline = time.monotonic() + timeout
-        progress = []
+    def _follow(self, ws, prompt_id: str, timeout: float, on_message, stopped=None) -> RunResult:
+        result = RunResult(prompt_id, "", {}, queued_at=time.monotonic())
+        deadline = result.queued_at + timeout
+        drain_until = None  # after stopped(): a short wait for messages already on their way
+        ws.settimeout(0.5)  # wake up often enough to notice stopped()
         while True:
-            if time.monotonic() > deadline:
-                raise RunTimeout(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+            now = time.monotonic()
+            if now > deadline:
+                raise RunTimeout(f"prompt {prompt_id} did not finish within {timeout:.0f} s", prompt_id)
+            if drain_until is None and stopped is not None and stopped():
+                drain_until = now + 1.5
+            if drain_until is not None and now > drain_until:
+                result.status = "interrupted" if result.started_at is not None else "cancelled"
+                result.ended_at = now
+                return result
             try:
                 raw = ws.recv()
             except websocket.WebSocketTimeoutException:
@@ -174,14 +229,19 @@ class ComfyClient:
                 on_message(msg)
             if data.get("prompt_id") not in (None, prompt_id):
                 continue
-            if kind == "progress":
-                progress.append((data.get("node"), data.get("value"), data.get("max")))
+            if kind == "execution_start" and data.get("prompt_id") == prompt_id:
+                result.started_at = time.monotonic()
+            elif kind == "progress":
+                result.progress.append((data.get("node"), data.get("value"), data.get("max")))
             elif kind == "execution_error":
-                return "error", data, progress
+                result.status, result.error = "error", data
             elif kind == "execution_interrupted":
-                return "interrupted", data, progress
+                result.status, result.error = "interrupted", data
             elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                return "success", None, progress
+                result.status = "success"
+            if result.status:
+                result.ended_at = time.monotonic()
+                return result
 
     def _wait_history(self, prompt_id: str, wait: float = 10.0) -> dict:
         deadline = time.monotonic() + wait

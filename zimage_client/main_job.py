@@ -9,7 +9,6 @@ through /view, stops the server, and prints where the images are.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -18,7 +17,20 @@ from pathlib import Path
 from .comfy_api import ComfyError
 from .runtime import REPO_ROOT
 from .server import ComfyServer
-from .submit import apply_options, exit_code, k_gen_line, run_key, run_one, upload_inputs
+from .submit import (
+    Progress,
+    WorkflowError,
+    apply_options,
+    describe,
+    existing_files,
+    exit_code,
+    file_prefix,
+    k_gen_line,
+    load_workflow,
+    run_key,
+    run_one,
+    upload_inputs,
+)
 
 DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "api" / "zimage-turbo.json"
 
@@ -36,10 +48,14 @@ def main(argv: list[str] | None = None) -> int:
 
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    workflow = json.loads(Path(args.workflow).read_text(encoding="utf-8"))
-    prompt = apply_options(workflow, text=args.prompt, seed=args.seed, width=args.size, height=args.size)
+    try:
+        workflow = load_workflow(Path(args.workflow))
+        prompt = apply_options(workflow, text=args.prompt, seed=args.seed, width=args.size, height=args.size)
+    except WorkflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
-    done = sorted(output_dir.glob(f"{run_key(prompt)}_*"))
+    done = existing_files(output_dir, run_key(prompt))
     if done:  # the same workflow and settings ran before: no need to start ComfyUI
         print(f"{len(done)} file(s) from an earlier run with the same settings are in {output_dir}:")
         for path in done:
@@ -55,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{Path(args.workflow).name}", flush=True)
                 client = server.client()
                 upload_inputs(client, prompt, Path(args.workflow))
-                outcome = run_one(client, prompt, output_dir, args.prompt or "", args.timeout, _print_progress)
+                progress = Progress(quiet=False, stream=sys.stdout)
+                label = Path(args.workflow).stem
+                outcome = run_one(client, prompt, output_dir, args.prompt or "", args.timeout,
+                                  progress.for_run(label, prompt), prefix=file_prefix(1, 1, describe(prompt)["prompt"]))
+                progress.finish(label, outcome)
         except ComfyError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -68,14 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.k_gen:
         print(k_gen_line(outcome.k_gen) + " (the plot is the wider image)")
     return 0 if outcome.images else 1
-
-
-def _print_progress(msg: dict) -> None:
-    if msg.get("type") == "progress":
-        data = msg["data"]
-        value, total = data.get("value", 0), max(data.get("max", 1), 1)
-        end = "\n" if value >= total else ""
-        print(f"\r  node {data.get('node')}: {100 * value // total:3d}%", end=end, flush=True)
 
 
 if __name__ == "__main__":
