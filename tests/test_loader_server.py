@@ -135,6 +135,22 @@ def test_web_extension_is_served(client):
         assert b"registerExtension" in client.get_bytes(url)
 
 
+def test_every_node_has_a_help_page_in_english_and_chinese_served_where_the_frontend_asks(client):
+    """The frontend's node help fetches /extensions/<package folder>/docs/<NodeId>/<locale>.md, then <NodeId>.md.
+    Each page names every input and output of its node, so a renamed input cannot leave its page behind."""
+    scripts = client.get_json("/extensions")
+    base = next(s for s in scripts if "/comfyui-zimage/" in s).rsplit("/", 1)[0]
+    info = client.object_info()
+    ours = {name: node for name, node in info.items() if str(node.get("python_module", "")).endswith("comfyui-zimage")}
+    assert len(ours) >= 9, sorted(ours)
+    for name, node in ours.items():
+        names = [*node["input"].get("required", {}), *node["input"].get("optional", {}), *node["output_name"]]
+        for page in (f"{base}/docs/{name}.md", f"{base}/docs/{name}/zh.md"):
+            text = client.get_bytes(page).decode("utf-8")
+            missing = [n for n in names if n not in text]
+            assert not missing, f"{page} does not name {missing}"
+
+
 def test_only_the_model_file_is_needed_and_cfg_above_1_on_turbo_is_a_warning(client):
     """Users coming from CheckpointLoaderSimple set one file; the articles' cfg 7 on Turbo runs, with a warning in
     the canvas (a toast: the message comes over /ws) that names the fix."""
