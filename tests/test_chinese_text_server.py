@@ -78,7 +78,7 @@ def test_every_node_and_input_has_a_chinese_locale_entry(client):
     defs, categories = zh["nodeDefs"], zh["nodeCategories"]
     # the plugin's nodes, not core's Z-Image nodes (ZImageFunControlnet, TextEncodeZImageOmni, ...)
     ours = {name: node for name, node in info.items() if node.get("python_module") == "custom_nodes.comfyui-zimage"}
-    assert len(ours) == 8
+    assert len(ours) == 9
     for name, node in ours.items():
         entry = defs[name]
         assert entry["display_name"] and entry["description"], name

@@ -28,9 +28,12 @@ def workflow(name: str) -> dict:
     return json.loads((WORKFLOWS / f"zimage-{name}.json").read_text())
 
 
-def images_of(client, result) -> list[Image.Image]:
+def images_of(client, result, prompt: dict) -> list[Image.Image]:
+    """The pictures of the workflow's SaveImage nodes (the k_gen report saves its plot as an output too)."""
     assert result.status == "success", result.error
-    return [Image.open(io.BytesIO(client.view(image))).convert("RGB") for image in result.images()]
+    saves = {node_id for node_id, _ in of_type(prompt, ("SaveImage",))}
+    return [Image.open(io.BytesIO(client.view(image))).convert("RGB")
+            for node_id, output in result.outputs.items() if node_id in saves for image in output.get("images", [])]
 
 
 def is_red_circle_on_blue(image: Image.Image) -> bool:
@@ -45,7 +48,7 @@ def test_turbo_workflow_paints_a_red_circle_on_blue(client, text):
     prompt = apply_options(workflow("turbo"), text=text, seed=42)
     for _, node in of_type(prompt, ("EmptySD3LatentImage",)):
         node["inputs"]["batch_size"] = 4
-    images = images_of(client, client.run(prompt, timeout=600))
+    images = images_of(client, client.run(prompt, timeout=600), prompt)
     assert len(images) == 4 and images[0].size == (128, 128)
     good = [is_red_circle_on_blue(im) for im in images]
     assert sum(good) >= 3, [(r.background, [(b.colour, b.shape) for b in r.objects]) for r in map(detector.read, images)]
@@ -82,7 +85,7 @@ def test_base_workflow_runs_with_cfg_and_a_negative_prompt(client):
     prompt = workflow("base")
     sampler = of_type(prompt, ("KSampler",))[0][1]
     assert prompt[sampler["inputs"]["negative"][0]]["inputs"]["text"] == "模糊，变形" and sampler["inputs"]["cfg"] == ["1", 4]
-    (image,) = images_of(client, client.run(prompt, timeout=600))
+    (image,) = images_of(client, client.run(prompt, timeout=600), prompt)
     reading = detector.read(image)
     stars = reading.matching("star", "yellow")  # the workflow's prompt: 白色背景上的三个黄色星形
     assert reading.background == "white" and len(stars) == 3, [(b.colour, b.shape) for b in reading.objects]
