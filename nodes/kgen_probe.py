@@ -10,7 +10,8 @@ one NFE) and an OUTER_SAMPLE wrapper that opens and closes a run. Per evaluation
 x0 prediction pooled to a few latent pixels, a time stamp (a CUDA event on a GPU, read once at the end of the
 run, so the GPU is never waited on mid-run) and, on CUDA, the allocator's peak. A thread samples GPU
 temperature, SM clock and power through NVML while the run lasts. The report turns a run into figures,
-plots, a JSON file next to the outputs, and a line in a history file in ComfyUI's user directory.
+plots, a JSON file next to the outputs, and a line in a history file in ComfyUI's user directory. The maths
+(convergence, the fits, t₁, the history's lines) is kinetics.py, which needs no ComfyUI.
 """
 from __future__ import annotations
 
@@ -31,7 +32,17 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 from PIL import Image
 
-from .chinese_text import PromptStats  # made by the Chinese text encode node; carries "c_text"
+from .kinetics import (
+    arrhenius,
+    arrhenius_points,
+    convergence,
+    convergence_time,
+    finite_figures,
+    history_key,
+    kinetics_fit,
+    parse_history,
+)
+from .shared import PromptStats, ZImageError
 
 log = logging.getLogger("comfyui-zimage")
 
@@ -40,10 +51,9 @@ KGenRecord = io.Custom("ZIMAGE_KGEN_RECORD")
 DEFAULT_C_TEXT = 1.0  # with no prompt statistics the fitted slope is k_gen·C_text with C_text = 1
 DEFAULT_HISTORY = "zimage-kgen/history.jsonl"
 NVML_INTERVAL_S = 0.1
-MIN_ARRHENIUS_TEMPERATURES = 3
 
 
-class KGenError(ValueError):
+class KGenError(ZImageError):
     """A probe record or option the report cannot use, with what to do about it."""
 
 
@@ -426,73 +436,6 @@ def latent_rgb(z: torch.Tensor, factors, bias) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Kinetics maths (plain numbers in, plain numbers out).
-
-def convergence(predictions: torch.Tensor, final: torch.Tensor) -> list[float]:
-    """I per evaluation: 1 − ‖x0_i − final‖ / ‖x0_0 − final‖, so I starts at 0 with the first prediction and
-    reaches 1 when the prediction is the final result. (S, ...) and (...) -> S values."""
-    d = torch.stack([(p.double() - final.double()).norm() for p in predictions])
-    if float(d[0]) == 0.0:
-        return [1.0] * len(d)
-    return (1.0 - d / d[0]).tolist()
-
-
-def fit_line(x, y) -> tuple[float, float, float]:
-    """Least-squares y = slope·x + intercept: (slope, intercept, R²)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    slope, intercept = np.polyfit(x, y, 1)
-    residual = float(((y - (slope * x + intercept)) ** 2).sum())
-    total = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - residual / total if total > 0 else (1.0 if residual == 0 else 0.0)
-    return float(slope), float(intercept), r2
-
-
-FINAL_TOLERANCE = 1e-4
-
-
-def kinetics_fit(times, curve, c_text: float) -> dict:
-    """Fit 1/(1 − I) = k_gen·C_text·t + b over the intermediate points (0 ≤ I < 1). Also the first-order form
-    ln(1/(1 − I)) = k·C_text·t + b, which is what dI/dt = k·C_text·(1 − I) integrates to exactly."""
-    # The last evaluation of a sampler that ends at sigma 0 predicts the final sample itself, off only by float
-    # rounding (1 − I ≈ 1e-9 here), and 1/(1 − I) would turn that rounding into the fit's whole slope.
-    points = [(t, i) for t, i in zip(times, curve, strict=True) if 0.0 <= i < 1.0 - FINAL_TOLERANCE]
-    if len(points) < 2 or len({t for t, _ in points}) < 2:
-        return {"points": len(points), "error": f"No fit: it needs at least 2 intermediate predictions (0 ≤ I < 1) "
-                                                f"and this run has {len(points)}; sample more steps."}
-    t = [p[0] for p in points]
-    slope, intercept, r2 = fit_line(t, [1.0 / (1.0 - i) for _, i in points])
-    slope1, intercept1, r2_1 = fit_line(t, [-math.log(1.0 - i) for _, i in points])
-    # An empty prompt, or one weighted 0 throughout, has C_text 0: the slope is still k_gen·C_text, but k_gen is
-    # not defined by it.
-    def per_c_text(value):
-        return value / c_text if c_text > 0 else None
-
-    fit = {"points": len(points), "slope": slope, "intercept": intercept, "r2": r2,
-           "k_gen_c_text": slope, "k_gen": per_c_text(slope),
-           "first_order": {"slope": slope1, "intercept": intercept1, "r2": r2_1, "k_gen": per_c_text(slope1)}}
-    if not c_text > 0:
-        fit["note"] = (f"C_text is {c_text:g} (an empty prompt, or every token weighted 0), so k_gen cannot be read "
-                       "from the slope; k_gen·C_text is given.")
-    return fit
-
-
-def convergence_time(times, curve, threshold: float) -> float | None:
-    """t₁: the first time I reaches the threshold (None if it never does)."""
-    return next((float(t) for t, i in zip(times, curve, strict=True) if i >= threshold), None)
-
-
-def arrhenius(points: list[tuple[float, float]]) -> dict:
-    """Fit ln k = ln A − (E_a/R)/T over (temperature °C, k_gen) points, T in kelvin."""
-    temps = {round(t, 1) for t, _ in points}
-    if len(temps) < MIN_ARRHENIUS_TEMPERATURES:
-        return {"n": len(points), "distinct_temperatures": len(temps),
-                "error": f"Arrhenius needs runs at {MIN_ARRHENIUS_TEMPERATURES} or more distinct GPU temperatures; "
-                         f"the history has {len(temps)} for this model, device, resolution and batch."}
-    slope, intercept, r2 = fit_line([1.0 / (t + 273.15) for t, _ in points], [math.log(k) for _, k in points])
-    return {"n": len(points), "distinct_temperatures": len(temps), "ea_over_r_k": -slope, "ln_a": intercept, "r2": r2}
-
-
-# ---------------------------------------------------------------------------------------------------
 # History, saved JSON, plots.
 
 HISTORY_FOLDER = "zimage-kgen"  # under ComfyUI's user directory: every file in it is this plugin's
@@ -517,18 +460,7 @@ def read_history(path: Path) -> tuple[list[dict], str | None]:
     split on); a line that is not a JSON object is skipped and counted, and the file is left as it is."""
     if not path.exists():
         return [], None
-    entries, bad = [], 0
-    for line in path.read_bytes().decode("utf-8", errors="replace").split("\n"):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            entry = None
-        if isinstance(entry, dict):
-            entries.append(entry)
-        else:
-            bad += 1
+    entries, bad = parse_history(path.read_bytes().decode("utf-8", errors="replace"))
     problem = (f"{bad} line(s) of {path.name} are not k_gen runs and were left out of the fit (the file is kept as "
                "it is)." if bad else None)
     return entries, problem
@@ -551,43 +483,13 @@ def update_history(name: str, report: dict) -> dict:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(entry, ensure_ascii=False) + "\n")
     entries.append(entry)
-
-    def key(e):
-        return e.get("label"), e.get("device"), e.get("resolution"), e.get("batch")
-
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    same = [e for e in entries if key(e) == key(entry) and number(e.get("temperature_c")) and number(e.get("k_gen"))
-            and e["k_gen"] > 0]
-    fit = arrhenius([(e["temperature_c"], e["k_gen"]) for e in same])
+    points = arrhenius_points(entries, entry)
+    fit = arrhenius(points)
     if fit.get("error"):
         report["messages"].append(fit["error"])
     return {"saved": True, "file": str(path.relative_to(Path(folder_paths.get_user_directory()).resolve())),
-            "runs": len(entries), "runs_same_key": len([e for e in entries if key(e) == key(entry)]),
-            "arrhenius": fit, "arrhenius_points": [(e["temperature_c"], e["k_gen"]) for e in same]}
-
-
-def finite_figures(report: dict) -> dict:
-    """The report with every NaN or infinity given as null (and said so): the JSON stays standard, which browsers
-    and other clients parse, where Python would write NaN and Infinity."""
-    replaced = []
-
-    def clean(value, path):
-        if isinstance(value, float) and not math.isfinite(value):
-            replaced.append(path)
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return value
-
-    out = clean(report, "")
-    if replaced:
-        out.setdefault("messages", []).append(f"{len(replaced)} figure(s) were not finite (NaN or infinity), e.g. "
-                                              f"{replaced[0]}, and are given as null.")
-    return out
+            "runs": len(entries), "runs_same_key": len([e for e in entries if history_key(e) == history_key(entry)]),
+            "arrhenius": fit, "arrhenius_points": points}
 
 
 def save_report(prefix: str, report: dict, image: torch.Tensor) -> dict:
@@ -649,7 +551,7 @@ def plot(report: dict) -> torch.Tensor:
     ax_i.set(title="convergence I(t)", xlabel="t (s)", ylabel="I")
     fit = report.get("fit") or {}
     if "slope" in fit:
-        pts = [(t, 1 / (1 - i)) for t, i in zip(times, curve, strict=True) if 0 <= i < 1 - 1e-9]
+        pts = fit["line_points"]  # the points the fit was made on, and only those
         ax_lin.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:red")
         xs = np.linspace(0, max(p[0] for p in pts), 50)
         ax_lin.plot(xs, fit["slope"] * xs + fit["intercept"], "-", color="black",

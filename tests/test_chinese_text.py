@@ -2,12 +2,15 @@
 conditioning for plain text, weights, truncation, statistics."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 
 import comfyui_zimage
 import pytest
 import torch
 from comfyui_zimage.nodes import chinese_text as ct
+from comfyui_zimage.nodes import prompt_syntax as ps
 from comfyui_zimage.nodes.loader import ZImageCheckpointLoader
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -25,15 +28,15 @@ def joined(segments) -> str:
 @given(st.text())
 @settings(max_examples=500, deadline=None)
 def test_parser_never_crashes_on_any_unicode(text):
-    segments = ct.parse(text)
+    segments = ps.parse(text)
     assert all(isinstance(s.text, str) and s.text and s.weight >= 0 for s in segments)
-    ct.normalise_segments(segments)
+    ps.normalise_segments(segments)
 
 
 @given(st.text().filter(lambda t: not (set(t) & SYNTAX)))
 @settings(max_examples=300, deadline=None)
 def test_plain_text_round_trips(text):
-    segments = ct.parse(text)
+    segments = ps.parse(text)
     assert joined(segments) == text
     assert all(s.weight == 1.0 and not s.quoted for s in segments)
 
@@ -47,10 +50,10 @@ WEIGHT = st.floats(min_value=0.1, max_value=3.0).map(lambda w: round(w, 2))
 def test_nested_spans_multiply(a, b, c, outer, inner, full_width):
     o, cl, colon = ("（", "）", "：") if full_width else ("(", ")", ":")
     assume(not (full_width and c.rstrip()[-1:].isdigit()))  # （比分 3：1） is a score, not a weight
-    segments = ct.parse(f"{a}{o}{b}{o}{c}{colon}{inner}{cl}{colon}{outer}{cl}")
+    segments = ps.parse(f"{a}{o}{b}{o}{c}{colon}{inner}{cl}{colon}{outer}{cl}")
     assert joined(segments) == a + b + c
     expected = [1.0] * len(a) + [outer] * len(b) + [outer * inner] * len(c)
-    assert ct.char_weights(segments) == pytest.approx(expected)
+    assert ps.char_weights(segments) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -66,12 +69,12 @@ def test_nested_spans_multiply(a, b, c, outer, inner, full_width):
     ("(ratio 16:9)", [("ratio 16", 9.0)]),  # ASCII brackets keep core's reading
 ])
 def test_parser_table(text, expected):
-    assert [(s.text, pytest.approx(s.weight)) for s in ct.parse(text)] == expected
+    assert [(s.text, pytest.approx(s.weight)) for s in ps.parse(text)] == expected
 
 
 def test_quoted_text_is_kept_intact_through_weighting_and_normalisation():
     for quote in ("“早安(中国:2)　ＡＢ”", '"早安(中国:2)　ＡＢ"', "「早安(中国:2)　ＡＢ」", "『早安(中国:2)　ＡＢ』"):
-        segments = ct.normalise_segments(ct.parse(f"(招牌上写着{quote}:1.2)"))
+        segments = ps.normalise_segments(ps.parse(f"(招牌上写着{quote}:1.2)"))
         assert joined(segments) == f"招牌上写着{quote}"
         quoted = [s for s in segments if s.quoted]
         assert len(quoted) == 1 and quoted[0].text == quote and quoted[0].weight == pytest.approx(1.2)
@@ -91,7 +94,7 @@ def test_quoted_text_is_kept_intact_through_weighting_and_normalisation():
     ("a cat, 4k, ｕｌｔｒａ ｄｅｔａｉｌｅｄ", "a cat, 4k, ultra detailed"),
 ])
 def test_normalisation_on_real_prompts(text, expected):
-    assert joined(ct.normalise_segments(ct.parse(text))) == expected
+    assert joined(ps.normalise_segments(ps.parse(text))) == expected
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,14 +191,14 @@ def test_the_parser_is_linear_and_never_recurses(text):
     import time
 
     start = time.perf_counter()
-    segments = ct.parse(text)
+    segments = ps.parse(text)
     assert time.perf_counter() - start < 2.0
     assert sum(len(s.text) for s in segments) <= len(text)
 
 
 def test_nesting_that_multiplies_past_the_maximum_weight_is_refused_with_a_message():
     deep = "(" * 8000 + "汉服" + ")" * 8000  # 1.1 ** 8000 overflows
-    assert ct.parse(deep)[0].weight == float("inf")
+    assert ps.parse(deep)[0].weight == float("inf")
     with pytest.raises(ct.TextEncodeError, match="multiply to inf"):
         ct.prepare(ct.TokenizerOnly(), deep)
     # 1.1 ** 1000 is finite in float64, but not once the text encoder's fp32 numbers are scaled by it.
@@ -212,6 +215,23 @@ def test_a_prompt_far_longer_than_z_image_reads_is_refused_before_any_work():
 def test_a_lone_surrogate_is_refused_with_a_message_not_a_tokenizer_type_error():
     with pytest.raises(ct.TextEncodeError, match="lone UTF-16 surrogate"):
         ct.prepare(ct.TokenizerOnly(), "蓝色\ud800背景")
+
+
+def test_the_checks_that_need_no_tokenizer_answer_a_sentence_or_none():
+    assert "at most 20,000" in ps.text_problem("猫" * 20_001) and ps.text_problem("猫" * 20_000) is None
+    assert "lone UTF-16 surrogate" in ps.text_problem("蓝色\ud800背景")
+    assert "multiply to inf" in ps.weight_problem(ps.parse("(" * 8000 + "汉服" + ")" * 8000))
+    assert ps.weight_problem(ps.parse("(汉服:100)")) is None
+
+
+def test_the_prompt_syntax_needs_no_comfyui_and_no_torch():
+    """prompt_syntax.py is plain text work: it loads on its own, without ComfyUI, the plugin or torch."""
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('prompt_syntax', sys.argv[1]); "
+            "module = importlib.util.module_from_spec(spec); sys.modules['prompt_syntax'] = module; "
+            "spec.loader.exec_module(module); "
+            "loaded = [n for n in sys.modules if n.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths', 'torch')]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code, ps.__file__], check=True)
 
 
 def test_a_text_encoder_computing_nan_is_named_not_a_black_image(clip):

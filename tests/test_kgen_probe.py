@@ -1,8 +1,11 @@
-"""k_gen probe, in-process: the kinetics maths on synthetic curves, recording during real sampling, the history."""
+"""k_gen probe, in-process: the kinetics maths on synthetic curves, recording during real sampling, the history,
+the plot."""
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -14,6 +17,7 @@ import pytest
 import torch
 from comfyui_zimage.nodes import entropy_attention as ea
 from comfyui_zimage.nodes import kgen_probe as kg
+from comfyui_zimage.nodes import kinetics as kin
 from comfyui_zimage.nodes.loader import ZImageCheckpointLoader
 from PIL import Image
 
@@ -25,7 +29,7 @@ from PIL import Image
 def test_linearised_fit_recovers_k_from_an_exact_curve(k, c_text):
     times = [0.05 * (i + 1) for i in range(12)]
     curve = [1 - 1 / (k * c_text * t + 1) for t in times]  # 1/(1-I) = k·C·t + 1 exactly
-    fit = kg.kinetics_fit(times, curve, c_text)
+    fit = kin.kinetics_fit(times, curve, c_text)
     assert fit["k_gen"] == pytest.approx(k, rel=0.01)
     assert fit["intercept"] == pytest.approx(1.0, abs=1e-6)
     assert fit["r2"] > 0.99
@@ -33,39 +37,69 @@ def test_linearised_fit_recovers_k_from_an_exact_curve(k, c_text):
 
 def test_first_order_fit_recovers_k_from_an_exponential_curve():
     k, times = 3.0, [0.1 * (i + 1) for i in range(10)]
-    fit = kg.kinetics_fit(times, [1 - math.exp(-k * t) for t in times], 1.0)
+    fit = kin.kinetics_fit(times, [1 - math.exp(-k * t) for t in times], 1.0)
     assert fit["first_order"]["k_gen"] == pytest.approx(k, rel=0.01)
     assert fit["first_order"]["r2"] > 0.99
     assert fit["r2"] < fit["first_order"]["r2"]  # the second-order line fits it worse: the fits can disagree
 
 
 def test_fit_needs_two_intermediate_points():
-    assert "error" in kg.kinetics_fit([0.1], [0.3], 1.0)
-    assert "error" in kg.kinetics_fit([0.1, 0.2], [0.4, 1.0], 1.0)  # the final point (I = 1) is not a point
-    assert kg.kinetics_fit([0.1, 0.2, 0.3], [0.1, 0.5, 1.0], 1.0)["points"] == 2
+    assert "error" in kin.kinetics_fit([0.1], [0.3], 1.0)
+    assert "error" in kin.kinetics_fit([0.1, 0.2], [0.4, 1.0], 1.0)  # the final point (I = 1) is not a point
+    assert kin.kinetics_fit([0.1, 0.2, 0.3], [0.1, 0.5, 1.0], 1.0)["points"] == 2
 
 
 def test_a_final_prediction_off_by_rounding_does_not_take_over_the_fit():
     """A sampler ending at sigma 0 predicts the final sample at its last call, equal up to float rounding."""
     k, times = 5.0, [0.05 * (i + 1) for i in range(8)]
     curve = [1 - 1 / (k * t + 1) for t in times]
-    exact = kg.kinetics_fit(times + [0.45], curve + [1.0], 1.0)
-    rounded = kg.kinetics_fit(times + [0.45], curve + [1.0 - 2e-9], 1.0)
+    exact = kin.kinetics_fit(times + [0.45], curve + [1.0], 1.0)
+    rounded = kin.kinetics_fit(times + [0.45], curve + [1.0 - 2e-9], 1.0)
     assert rounded["points"] == exact["points"] == len(times)
     assert rounded["k_gen"] == pytest.approx(k, rel=0.01) == exact["k_gen"]
+
+
+def test_the_plot_draws_exactly_the_points_the_fit_used(monkeypatch):
+    """A last prediction 5e-5 off the final sample is left out of the fit (1 − I ≤ 1e-4): it is not drawn either."""
+    import matplotlib.axes
+
+    k, times = 5.0, [0.05 * (i + 1) for i in range(8)] + [0.45]
+    curve = [1 - 1 / (k * t + 1) for t in times[:-1]] + [1.0 - 5e-5]
+    fit = kin.kinetics_fit(times, curve, 1.0)
+    assert fit["points"] == 8 and [t for t, _ in fit["line_points"]] == times[:-1]
+    drawn, draw = [], matplotlib.axes.Axes.plot
+
+    def recording(ax, *args, **kwargs):
+        drawn.append((args, kwargs))
+        return draw(ax, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    kg.plot({"times_s": times, "convergence": curve, "convergence_threshold": 0.95, "fit": fit})
+    markers = [(list(args[0]), list(args[1])) for args, kwargs in drawn
+               if args[2:] == ("o",) and kwargs.get("color") == "tab:red"]
+    assert markers == [([t for t, _ in fit["line_points"]], [y for _, y in fit["line_points"]])]
+
+
+def test_the_kinetics_need_no_comfyui_and_no_torch():
+    """kinetics.py is plain maths: it loads on its own, without ComfyUI, the plugin or torch."""
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('kinetics', sys.argv[1]); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+            "loaded = [n for n in sys.modules if n.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths', 'torch')]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code, kin.__file__], check=True)
 
 
 def test_arrhenius_recovers_activation_temperature():
     ea_over_r, ln_a = 1200.0, 9.8
     points = [(t, math.exp(ln_a - ea_over_r / (t + 273.15))) for t in (45.0, 55.0, 63.0, 71.0, 80.0)]
-    fit = kg.arrhenius(points)
+    fit = kin.arrhenius(points)
     assert fit["ea_over_r_k"] == pytest.approx(ea_over_r, rel=1e-6)
     assert fit["ln_a"] == pytest.approx(ln_a, rel=1e-6)
     assert fit["r2"] > 0.999 and fit["n"] == 5
 
 
 def test_arrhenius_needs_three_temperatures():
-    fit = kg.arrhenius([(50.0, 9.0), (50.0, 9.1), (60.0, 9.5)])
+    fit = kin.arrhenius([(50.0, 9.0), (50.0, 9.1), (60.0, 9.5)])
     assert fit["distinct_temperatures"] == 2 and "3 or more" in fit["error"]
 
 
@@ -73,9 +107,9 @@ def test_convergence_is_zero_at_the_first_prediction_and_one_at_the_final():
     final = torch.randn(1, 4, 8, 8)
     start = torch.randn(1, 4, 8, 8)
     predictions = torch.stack([start + (final - start) * a for a in (0.0, 0.25, 0.5, 1.0)])
-    assert kg.convergence(predictions, final) == pytest.approx([0.0, 0.25, 0.5, 1.0])
-    assert kg.convergence_time([0.1, 0.2, 0.3, 0.4], [0.0, 0.25, 0.5, 1.0], 0.5) == 0.3
-    assert kg.convergence_time([0.1, 0.2], [0.0, 0.25], 0.95) is None
+    assert kin.convergence(predictions, final) == pytest.approx([0.0, 0.25, 0.5, 1.0])
+    assert kin.convergence_time([0.1, 0.2, 0.3, 0.4], [0.0, 0.25, 0.5, 1.0], 0.5) == 0.3
+    assert kin.convergence_time([0.1, 0.2], [0.0, 0.25], 0.95) is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,14 +317,14 @@ def test_history_must_be_a_jsonl_file_so_other_user_files_are_never_moved_aside(
 def test_a_prompt_with_c_text_zero_gives_the_slope_and_says_why_k_gen_is_missing():
     times = [0.1 * i for i in range(1, 8)]
     curve = [1 - 1 / (5.0 * t + 1) for t in times]
-    fit = kg.kinetics_fit(times, curve, 0.0)
+    fit = kin.kinetics_fit(times, curve, 0.0)
     assert fit["k_gen"] is None and fit["first_order"]["k_gen"] is None
     assert fit["k_gen_c_text"] == pytest.approx(5.0, rel=1e-6)
     assert "C_text is 0" in fit["note"] and "empty prompt" in fit["note"]
 
 
 def test_non_finite_figures_become_null_so_the_json_stays_standard():
-    report = kg.finite_figures({"k_gen": float("nan"), "fit": {"slope": float("inf"), "r2": 0.5},
+    report = kin.finite_figures({"k_gen": float("nan"), "fit": {"slope": float("inf"), "r2": 0.5},
                                 "convergence": [0.1, float("-inf")], "messages": []})
     assert report["k_gen"] is None and report["fit"] == {"slope": None, "r2": 0.5}
     assert report["convergence"] == [0.1, None]

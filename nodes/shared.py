@@ -1,0 +1,15 @@
+"""Types the node modules share, so that no node module imports another.
+
+PromptStats is the custom io type the Chinese text encode node outputs and the k_gen report reads (its "c_text").
+ZImageError is the base of the package's user-facing errors: a sentence that names the bad input and how to fix it.
+"""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+PromptStats = io.Custom("ZIMAGE_PROMPT_STATS")  # made by the Chinese text encode node, read by the k_gen report
+
+
+class ZImageError(ValueError):
+    """An input or option a Z-Image node cannot use, with what to do about it. A ValueError, as before: callers that
+    catch ValueError (the token-count route) still do."""
