@@ -368,7 +368,8 @@ def test_a_long_case_stops_within_seconds_of_interrupt(client_module, case, outc
                      "outcome": "stopped by /interrupt" if result.status == "interrupted" else result.status})
     assert "at" in sent, f"the run ended ({result.status}) before the interrupt was sent"
     assert result.status == "interrupted"
-    assert stopped_after < 8.0, f"/interrupt took {stopped_after:.1f} s"
+    # Idle, each stops within 0.3 s; the bound leaves room for a CI machine that is busy with other work.
+    assert stopped_after < 15.0, f"/interrupt took {stopped_after:.1f} s"
     if case.inside_one_step:  # so it was a block's check that stopped it, not core's check between steps
         assert not [p for p in result.progress if p[0] == case.node], result.progress
     ok = client.run(sampling_graph(TINY, prefix="after-interrupt"), timeout=300)
