@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,8 @@ def test_quick_training_writes_a_loadable_family_and_resumes(tmp_path):
 
 
 def test_a_work_folder_from_before_plan_records_is_refused(tmp_path):
-    from nano.train import Plan, claim_work_folder
+    from nano.plan import Plan
+    from nano.stage import claim_work_folder
 
     (tmp_path / "vae.ckpt.safetensors").write_bytes(b"")
     assert "older recipe" in claim_work_folder(tmp_path, Plan())
@@ -101,7 +103,8 @@ def test_shipped_family_fits_the_budget_and_keeps_unused_rows_zero():
 def test_a_time_budget_fixes_the_step_count_once_timed_and_a_resume_keeps_it(tmp_path):
     import time
 
-    from nano.train import Plan, Stage, make_optimizer
+    from nano.plan import Plan
+    from nano.stage import Stage, make_optimizer
 
     plan = Plan.gpu(minutes=10)
     stages = ("vae", "vae-decoder", "vae-decoder-whole", "base", "turbo", "edit")
@@ -134,7 +137,7 @@ def test_a_time_budget_fixes_the_step_count_once_timed_and_a_resume_keeps_it(tmp
 
 
 def test_the_ema_warms_up_so_a_short_run_keeps_none_of_the_initial_weights():
-    from nano.train import EMA
+    from nano.stage import EMA
 
     model = torch.nn.Linear(4, 4)
     ema = EMA(model, 0.999)
@@ -146,7 +149,7 @@ def test_the_ema_warms_up_so_a_short_run_keeps_none_of_the_initial_weights():
 
 
 def test_degraded_latents_blur_noise_or_blur_only_the_colour_channels_and_keep_the_rest():
-    from nano.train import SHAPE_CODES, degrade_latents
+    from nano.latents import SHAPE_CODES, degrade_latents
 
     z = torch.randn(256, 16, 8, 8)
     out = degrade_latents(z, torch.Generator().manual_seed(0))
@@ -159,7 +162,7 @@ def test_degraded_latents_blur_noise_or_blur_only_the_colour_channels_and_keep_t
 
 
 def test_shape_code_targets_say_the_kind_loudly_even_where_an_object_barely_reaches():
-    from nano.train import SHAPE_CODE_SCALE, shape_code_targets
+    from nano.latents import SHAPE_CODE_SCALE, shape_code_targets
 
     masks = torch.zeros(1, 4, 16, 16)
     masks[0, 3, :8, :8] = 1.0        # a star fills block (0, 0)
@@ -173,7 +176,7 @@ def test_shape_code_targets_say_the_kind_loudly_even_where_an_object_barely_reac
 
 def test_colour_code_targets_give_every_object_colour_its_own_direction():
     from nano import scenes
-    from nano.train import COLOUR_CODES, SHAPE_CODE_SCALE, colour_code_targets
+    from nano.latents import COLOUR_CODES, SHAPE_CODE_SCALE, colour_code_targets
 
     codes = {}
     for colour in scenes.OBJECT_COLOURS:
@@ -189,7 +192,7 @@ def test_colour_code_targets_give_every_object_colour_its_own_direction():
 
 
 def test_crop_pairs_cut_latents_and_pictures_to_the_same_window():
-    from nano.train import crop_pairs
+    from nano.latents import crop_pairs
 
     x = torch.arange(2 * 3 * 128 * 128, dtype=torch.float32).view(2, 3, 128, 128)
     z = torch.nn.functional.avg_pool2d(x, 8)  # a stand-in latent whose every pixel is its block's mean
@@ -199,7 +202,7 @@ def test_crop_pairs_cut_latents_and_pictures_to_the_same_window():
 
 
 def test_edit_region_weights_put_the_focus_on_what_the_edit_changed():
-    from nano.train import LATENT_SCALE, edit_region_weights
+    from nano.latents import LATENT_SCALE, edit_region_weights
 
     before = torch.zeros(2, 16, 16, 16)
     after = before.clone()
@@ -218,8 +221,9 @@ def test_edit_region_weights_put_the_focus_on_what_the_edit_changed():
 
 
 def test_edge_weights_weigh_up_only_the_outlines():
+    from nano.data import images_to_tensor
+    from nano.latents import edge_weights
     from nano.scenes import Item, Scene, render
-    from nano.train import edge_weights, images_to_tensor
 
     x = images_to_tensor([render(Scene("white", (Item("star", "red", 0.5, 0.5, 0.2),)))])
     w = edge_weights(x, 4.0)
@@ -231,7 +235,7 @@ def test_edge_weights_weigh_up_only_the_outlines():
 
 
 def test_fat_footprints_widen_the_colours_and_keep_the_shape_codes():
-    from nano.train import SHAPE_CODES, fat_footprints
+    from nano.latents import SHAPE_CODES, fat_footprints
 
     z = torch.zeros(64, 16, 16, 16)
     z[:, :, 6:10, 6:10] = 1.0  # an object: colour and code channels over the same 4x4 blocks
@@ -247,7 +251,9 @@ def test_fat_footprints_widen_the_colours_and_keep_the_shape_codes():
 
 
 def test_batches_keep_one_width_and_padding_a_caption_further_changes_nothing():
-    from nano.train import Batches, Plan, encode_text, make_dit, make_text_encoder
+    from nano.data import Batches
+    from nano.models import encode_text, make_dit, make_text_encoder
+    from nano.plan import Plan
 
     gen = torch.Generator().manual_seed(0)
     lens = torch.randint(6, 26, (64,), generator=gen, dtype=torch.int32)
@@ -273,8 +279,9 @@ def test_batches_keep_one_width_and_padding_a_caption_further_changes_nothing():
 
 
 def test_edit_batches_draw_moves_and_lone_objects_at_their_shares():
+    from nano.data import Batches, edit_sample_weights
+    from nano.plan import Plan
     from nano.scenes import EDIT_KINDS
-    from nano.train import Batches, Plan, edit_sample_weights
 
     kinds = torch.tensor([0, 1, 2, 2, 0, 2, 0, 0, 2, 1] * 20, dtype=torch.uint8)  # moves: 20 % of the pairs
     objects = torch.tensor(([1, 2, 3] * 67)[:200], dtype=torch.uint8)  # one object alone: a third
@@ -305,7 +312,7 @@ def test_edit_batches_draw_moves_and_lone_objects_at_their_shares():
 
 
 def test_make_dit_is_the_same_model_whatever_drew_from_the_global_generator_before():
-    from nano.train import make_dit
+    from nano.models import make_dit
 
     first = make_dit(5).state_dict()
     torch.randn(1000)  # compiling, data loading or another stage may draw from it
@@ -318,7 +325,9 @@ def test_compiled_training_steps_compute_what_eager_ones_do(tmp_path):
     """The CPU plan compiles the DiT and trains with PyTorch's fused attention: the same arithmetic, so the same losses."""
     import comfy.ldm.lumina.model
 
-    from nano.train import Plan, make_text_encoder, train_base, use_sdpa_attention
+    from nano.models import make_text_encoder, use_sdpa_attention
+    from nano.plan import Plan
+    from nano.train import train_base
 
     gen = torch.Generator().manual_seed(0)
     lens = torch.randint(8, 20, (8,), generator=gen, dtype=torch.int32)
@@ -342,7 +351,7 @@ def test_compiled_training_steps_compute_what_eager_ones_do(tmp_path):
 
 
 def test_mottled_colours_drift_smoothly_and_keep_the_shape_codes():
-    from nano.train import LATENT_SCALE, SHAPE_CODES, mottled_colours
+    from nano.latents import LATENT_SCALE, SHAPE_CODES, mottled_colours
 
     z = torch.randn(64, 16, 16, 16, generator=torch.Generator().manual_seed(1))
     out = mottled_colours(z, torch.Generator().manual_seed(0), share=0.5, size=0.6)
@@ -355,3 +364,11 @@ def test_mottled_colours_drift_smoothly_and_keep_the_shape_codes():
     step = (drift[moved][:, :12, :, 1:] - drift[moved][:, :12, :, :-1]).norm(dim=1) * LATENT_SCALE
     assert float(step.mean()) < 0.35 * float(norm.mean())  # smooth: neighbours drift alike
     assert torch.equal(mottled_colours(z, torch.Generator().manual_seed(0), share=0.0, size=0.6), z)
+
+
+def test_the_training_script_still_offers_what_the_speed_bench_imports_from_it():
+    from nano import train
+
+    bench = (REPO_ROOT / "bench" / "bench_train_speed.py").read_text()
+    used = set(re.findall(r"\bnt\.([A-Za-z_]\w*)", bench))
+    assert used and all(hasattr(train, name) for name in used), sorted(n for n in used if not hasattr(train, n))
