@@ -1,4 +1,5 @@
-"""What a Z-Image file holds: safetensors headers, key layouts and the model sizes they imply.
+"""What a Z-Image file holds: safetensors headers, key layouts and the model sizes they imply, and the load plan
+the loader builds from them.
 
 Everything here works on tensor names and shapes alone (no ComfyUI, no weights read), so the loader
 can check a file completely before it reads a byte of weights, and unit tests can call it directly.
@@ -11,6 +12,7 @@ import math
 import os
 import re
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +173,63 @@ def describe_foreign_layout(keys) -> str:
         if re.search(pattern, joined, re.M):
             return label
     return "an unknown model"
+
+
+# ---------------------------------------------------------------------------------------------------
+# A part: the tensors of one model component, possibly spread over shards, under a prefix.
+
+@dataclass
+class Part:
+    label: str
+    headers: list[SafetensorsHeader]
+    prefix: str = ""
+    layout: str = "comfy"  # or "diffusers"
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def shapes(self) -> dict[str, tuple]:
+        return {k[len(self.prefix):]: t.shape for h in self.headers for k, t in h.tensors.items()
+                if k.startswith(self.prefix)}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for h in self.headers for k, t in h.tensors.items() if k.startswith(self.prefix))
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        return {k[len(self.prefix):]: t.dtype for h in self.headers for k, t in h.tensors.items()
+                if k.startswith(self.prefix)}
+
+
+@dataclass
+class Parts:
+    dit: Part
+    text_encoder: Part
+    vae: Part
+    model_name: str
+
+
+def part_in(headers: list[SafetensorsHeader], label: str, markers: dict[str, str], prefixes) -> Part | None:
+    keys = {k for h in headers for k in h.tensors}
+    for layout, marker in markers.items():
+        prefix = find_prefix(keys, marker, prefixes)
+        if prefix is not None:
+            meta = {k: v for h in headers for k, v in h.metadata.items()}
+            return Part(label, headers, prefix, layout, meta)
+    return None
+
+
+def dit_part(headers, label) -> Part | None:
+    # diffusers keeps the name cap_embedder.1.weight too, so its own marker is tried first.
+    return part_in(headers, label, {"diffusers": DIFFUSERS_DIT_MARKER, "comfy": DIT_MARKER}, DIT_PREFIXES)
+
+
+def text_encoder_part(headers, label) -> Part | None:
+    return part_in(headers, label, {"comfy": TEXT_ENCODER_MARKER}, TEXT_ENCODER_PREFIXES)
+
+
+def vae_part(headers, label) -> Part | None:
+    return part_in(headers, label, {"diffusers": DIFFUSERS_VAE_MARKER, "comfy": VAE_MARKER}, VAE_PREFIXES)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,3 +427,72 @@ def detect_variant(name: str, metadata: dict, keys=()) -> tuple[str, str]:
     if any(k.startswith(("ref_", "reference_")) for k in keys):
         return "edit", "reference-image keys"
     return "turbo", "default (Z-Image-Turbo is the released model; name the file or set metadata to choose)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The load plan: everything the loader decides from the headers, before it reads a weight.
+
+# The loader's weight_dtype and compute_dtype choices, as safetensors dtype names (None: ComfyUI chooses for the
+# device); the loader turns a name into a torch dtype with its one table.
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": "F8_E4M3", "fp8_e4m3fn_fast": "F8_E4M3", "fp8_e5m2": "F8_E5M2",
+                 "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+COMPUTE_DTYPES = {name: WEIGHT_DTYPES[name] for name in ("default", "bf16", "fp16", "fp32")}
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    dit_config: dict
+    text_encoder_config: dict
+    vae_config: dict
+    variant: str
+    variant_reason: str
+    reference_layout: str | None  # see reference_layout
+    weight_dtype: str | None  # safetensors dtype names; None: ComfyUI chooses for the device
+    compute_dtype: str | None
+    fp8_fast: bool  # fp8 weights also compute in fp8 where the GPU can
+
+    @property
+    def reference_images(self) -> bool:
+        """Whether the diffusion model takes reference latents in the nano-edit layout (core's model does not)."""
+        return self.reference_layout == APPENDED_REFERENCES
+
+
+def text_encoder_config(part: Part, dit_config: dict, dit_label: str) -> dict:
+    """The Qwen3 config of a text encoder part, refused unless its features are as wide as the diffusion model takes
+    (the one check of the width, both for a chosen encoder and for one looked for in the folder)."""
+    config = infer_qwen3_config(part.shapes, part.label)
+    if config["hidden_size"] != dit_config["cap_feat_dim"]:
+        raise ZImageFileError(
+            f"{part.label}: this text encoder outputs {config['hidden_size']}-wide features but {dit_label} expects "
+            f"{dit_config['cap_feat_dim']} (cap_embedder width). Use the text encoder made for this model "
+            "(qwen_3_4b.safetensors for real Z-Image; the nano text encoder for nano models).")
+    return config
+
+
+def dtype_choice(name: str, value: str, choices: dict[str, str | None]) -> str | None:
+    if value not in choices:  # older ComfyUI passes any value a client sends
+        raise ZImageFileError(f"{name} {value!r} is not one of {', '.join(choices)}.")
+    return choices[value]
+
+
+def most_common_dtype(dtypes: dict[str, str]) -> str:
+    """The safetensors dtype most tensors of a part are stored in (F32 for none)."""
+    counts = Counter(dtypes.values())
+    return max(counts, key=counts.get) if counts else "F32"
+
+
+def plan_load(parts: Parts, dit_config: dict, dit_shapes: dict[str, tuple], vae_shapes: dict[str, tuple],
+              core_runs_omni: bool, weight_dtype: str | None = None, compute_dtype: str | None = None,
+              fp8_fast: bool = False) -> LoadPlan:
+    """The whole plan from the resolved parts. The diffusion model's shapes and the VAE's come in ComfyUI's key layout
+    (the loader converts a diffusers folder's); `core_runs_omni`: the running core's NextDiT runs Z-Image Omni/Edit;
+    the dtypes are safetensors names (see dtype_choice)."""
+    te_config = text_encoder_config(parts.text_encoder, dit_config, parts.dit.label)
+    vae_config = infer_vae_config(vae_shapes, parts.vae.label)
+    variant, reason = detect_variant(parts.model_name, parts.dit.metadata, parts.dit.shapes.keys())
+    layout = reference_layout(variant, dit_shapes, parts.dit.metadata)
+    if layout == "omni" and not core_runs_omni:
+        raise ZImageFileError(f"{parts.dit.label}: a Z-Image Omni/Edit model (it has SigLIP image-feature weights), which "
+                              "this ComfyUI's NextDiT cannot run. Update ComfyUI (0.33 runs them) and load the file "
+                              "again.")
+    return LoadPlan(dit_config, te_config, vae_config, variant, reason, layout, weight_dtype, compute_dtype, fp8_fast)

@@ -1,4 +1,5 @@
-"""Reference-image (edit) support for Z-Image models in the nano-edit layout, on every supported ComfyUI.
+"""The package's model classes: Z-Image with reference images (edit) in the nano-edit layout on every supported
+ComfyUI, and core's Qwen3 at any size. The loader and the nano trainer build their models from here.
 
 The input image enters the model as reference latent tokens appended after the image tokens, with their
 own RoPE offset on the first axis (image k of a prompt sits at caption_length + 1 + k). The reference tokens
@@ -21,6 +22,7 @@ import math
 import comfy.conds
 import comfy.ldm.common_dit
 import comfy.model_base
+import comfy.text_encoders.llama as llama
 import torch
 from comfy.ldm.lumina.model import NextDiT
 
@@ -169,3 +171,17 @@ class ZImageEditModel(comfy.model_base.Lumina2):
         if refs is not None:
             out["ref_latents"] = [1, 16, sum(math.prod(r.shape[2:]) for r in refs)]
         return out
+
+
+def qwen3_model_class(config: dict):
+    """Core's Qwen3 text model (`Llama2_`) at the sizes of `config` (infer_qwen3_config's fields); core's Qwen3_4B at
+    its sizes."""
+    class SizedQwen3(llama.BaseLlama, torch.nn.Module):
+        def __init__(self, config_dict, dtype, device, operations):
+            super().__init__()
+            cfg = llama.Qwen3_4BConfig(**{k: v for k, v in config.items() if k != "head_dim"})
+            cfg.head_dim = config["head_dim"]  # a class attribute in ComfyUI's config, fixed at 128 there
+            self.num_layers = cfg.num_hidden_layers
+            self.model = llama.Llama2_(cfg, device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+    return SizedQwen3

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import math
 from pathlib import Path
 
 import comfy.model_detection
@@ -23,7 +23,6 @@ import comfy.patcher_extension
 import comfy.samplers
 import comfy.sd
 import comfy.supported_models
-import comfy.text_encoders.llama as llama
 import comfy.text_encoders.z_image as z_image
 import comfy.utils
 import folder_paths
@@ -34,27 +33,26 @@ from comfy_api.latest import io
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint_format import (
-    APPENDED_REFERENCES,
-    DIFFUSERS_DIT_MARKER,
-    DIFFUSERS_VAE_MARKER,
-    DIT_MARKER,
-    DIT_PREFIXES,
+    COMPUTE_DTYPES,
     SAMPLING_SETTINGS,
-    TEXT_ENCODER_MARKER,
-    TEXT_ENCODER_PREFIXES,
-    VAE_MARKER,
-    VAE_PREFIXES,
+    WEIGHT_DTYPES,
+    LoadPlan,
+    Part,
+    Parts,
     SafetensorsHeader,
     ZImageFileError,
     describe_foreign_layout,
-    detect_variant,
-    find_prefix,
+    dit_part,
+    dtype_choice,
     infer_dit_config,
-    infer_qwen3_config,
     infer_vae_config,
     is_quantized,
+    most_common_dtype,
+    plan_load,
     read_header,
-    reference_layout,
+    text_encoder_config,
+    text_encoder_part,
+    vae_part,
 )
 from .compat import (
     ComboOutput,
@@ -64,15 +62,15 @@ from .compat import (
     prepare_quantized,
     quant_formats,
 )
-from .edit import ZImageEditModel
+from .edit import ZImageEditModel, qwen3_model_class  # nano/ imports qwen3_model_class from here too
 from .model_guard import GUARD_KEY, add_interrupt_checks, check_cfg, guard_model_call, guard_vae
 
 log = logging.getLogger("comfyui-zimage")
 
 AUTO = "auto"
-WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
-                 "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COMPUTE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Safetensors dtype names (the files' and the dtype choices', see checkpoint_format.WEIGHT_DTYPES) as torch dtypes.
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "diffusers")
 
 
@@ -123,16 +121,11 @@ class ZImageCheckpointLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, text_encoder=AUTO, vae=AUTO, weight_dtype="default", compute_dtype="default") -> io.NodeOutput:
-        for name, value, choices in (("weight_dtype", weight_dtype, WEIGHT_DTYPES), ("compute_dtype", compute_dtype,
-                                                                                    COMPUTE_DTYPES)):
-            if value not in choices:  # older ComfyUI passes any value a client sends
-                raise ZImageFileError(f"{name} {value!r} is not one of {', '.join(choices)}.")
-        parts = resolve_parts(model, text_encoder, vae)
-        plan = plan_load(parts)
+        parts, plan = resolve_and_plan(model, text_encoder, vae, weight_dtype, compute_dtype)
         pbar = MegabyteProgress(sum(p.nbytes for p in (parts.dit, parts.text_encoder, parts.vae)))
-        dit = load_diffusion_model(parts.dit, plan.dit_config, WEIGHT_DTYPES[weight_dtype],
-                                   COMPUTE_DTYPES[compute_dtype], weight_dtype.endswith("_fast"), pbar,
-                                   reference_images=plan.reference_layout == APPENDED_REFERENCES)
+        dit = load_diffusion_model(parts.dit, plan.dit_config, TORCH_DTYPES.get(plan.weight_dtype),
+                                   TORCH_DTYPES.get(plan.compute_dtype), plan.fp8_fast, pbar,
+                                   reference_images=plan.reference_images)
         clip = load_text_encoder(parts.text_encoder, plan.text_encoder_config, pbar)
         vae_obj = load_vae(parts.vae, plan.vae_config, pbar)
         dit.model.zimage_variant = plan.variant  # read by the k_gen probe to label its history
@@ -231,68 +224,6 @@ def diffusers_folder_path(name: str) -> Path:
                           "models/diffusers. Choose a model from the list.")
 
 
-# ---------------------------------------------------------------------------------------------------
-# A part: the tensors of one model component, possibly spread over shards, under a prefix.
-
-@dataclass
-class Part:
-    label: str
-    headers: list[SafetensorsHeader]
-    prefix: str = ""
-    layout: str = "comfy"  # or "diffusers"
-    metadata: dict = field(default_factory=dict)
-
-    @property
-    def shapes(self) -> dict[str, tuple]:
-        out = {}
-        for h in self.headers:
-            for k, t in h.tensors.items():
-                if k.startswith(self.prefix):
-                    out[k[len(self.prefix):]] = t.shape
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for h in self.headers for k, t in h.tensors.items() if k.startswith(self.prefix))
-
-    @property
-    def dtypes(self) -> dict[str, str]:
-        return {k[len(self.prefix):]: t.dtype for h in self.headers for k, t in h.tensors.items()
-                if k.startswith(self.prefix)}
-
-
-@dataclass
-class Parts:
-    dit: Part
-    text_encoder: Part
-    vae: Part
-    model_name: str
-    dit_config: dict  # inferred once while choosing the text encoder that fits
-
-
-def part_in(headers: list[SafetensorsHeader], label: str, markers: dict[str, str], prefixes) -> Part | None:
-    keys = {k for h in headers for k in h.tensors}
-    for layout, marker in markers.items():
-        prefix = find_prefix(keys, marker, prefixes)
-        if prefix is not None:
-            meta = {k: v for h in headers for k, v in h.metadata.items()}
-            return Part(label, headers, prefix, layout, meta)
-    return None
-
-
-def dit_part(headers, label) -> Part | None:
-    # diffusers keeps the name cap_embedder.1.weight too, so its own marker is tried first.
-    return part_in(headers, label, {"diffusers": DIFFUSERS_DIT_MARKER, "comfy": DIT_MARKER}, DIT_PREFIXES)
-
-
-def text_encoder_part(headers, label) -> Part | None:
-    return part_in(headers, label, {"comfy": TEXT_ENCODER_MARKER}, TEXT_ENCODER_PREFIXES)
-
-
-def vae_part(headers, label) -> Part | None:
-    return part_in(headers, label, {"diffusers": DIFFUSERS_VAE_MARKER, "comfy": VAE_MARKER}, VAE_PREFIXES)
-
-
 def sharded_headers(folder: Path, what: str) -> list[SafetensorsHeader]:
     """All shards of one diffusers component, following its index file when there is one."""
     if not folder.is_dir():
@@ -322,7 +253,13 @@ def sharded_headers(folder: Path, what: str) -> list[SafetensorsHeader]:
     return [read_header(folder / f) for f in files]
 
 
-def resolve_parts(model: str, text_encoder: str, vae: str) -> Parts:
+def resolve_and_plan(model: str, text_encoder: str = AUTO, vae: str = AUTO, weight_dtype: str = "default",
+                  compute_dtype: str = "default") -> tuple[Parts, LoadPlan]:
+    """Find the three parts of a load and plan it, in one pass over their headers, before any weight is read. The
+    diffusion model's config is inferred once; a text encoder or VAE looked for in a folder must pass the same checks
+    (text_encoder_config, infer_vae_config) the plan then makes of the one chosen."""
+    weight = dtype_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES)
+    compute = dtype_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
     folder, _, name = model.partition("/")
     if folder not in SOURCE_FOLDERS or not name:
         raise ZImageFileError(f"{model}: choose a model from the list (diffusion_models/…, checkpoints/… or diffusers/…).")
@@ -343,15 +280,20 @@ def resolve_parts(model: str, text_encoder: str, vae: str) -> Parts:
         keys = {k for h in all_headers for k in h.tensors}
         raise ZImageFileError(f"{model}: not a Z-Image diffusion model: it looks like {describe_foreign_layout(keys)}. "
                               "Pick a Z-Image file (e.g. z_image_turbo_bf16.safetensors).")
-    dit_config = plan_dit_config(dit)
+    dit_shapes = dit_comfy_shapes(dit)
+    dit_config = infer_dit_config(dit_shapes, dit.label, dit.metadata)
     te = pick_part(text_encoder, "text_encoders", bundled_te, text_encoder_part, "text encoder", model,
-                   lambda p: infer_qwen3_config(p.shapes, p.label)["hidden_size"] == dit_config["cap_feat_dim"])
+                   lambda p: text_encoder_config(p, dit_config, dit.label))
     vae_p = pick_part(vae, "vae", bundled_vae, vae_part, "VAE", model,
-                      lambda p: p.shapes.get(VAE_MARKER, (0, 0))[1] == 16 if p.layout == "comfy" else True)
-    return Parts(dit, te, vae_p, model, dit_config)
+                      lambda p: infer_vae_config(vae_ldm_shapes(p), p.label))
+    parts = Parts(dit, te, vae_p, model)
+    return parts, plan_load(parts, dit_config, dit_shapes, vae_ldm_shapes(vae_p), nextdit_takes_reference_latents(),
+                            weight, compute, weight_dtype.endswith("_fast"))
 
 
-def pick_part(choice, folder, bundled, finder, what, model, fits) -> Part:
+def pick_part(choice, folder, bundled, finder, what, model, config_of) -> Part:
+    """The part chosen, else the one bundled with the model, else the one file in the folder whose config the plan
+    accepts (`config_of` raises ZImageFileError for one that does not fit)."""
     if choice != AUTO:
         part = finder([read_header(full_path(folder, choice))], f"{folder}/{choice}")
         if part is None:
@@ -365,7 +307,8 @@ def pick_part(choice, folder, bundled, finder, what, model, fits) -> Part:
     for name in safetensors_files(folder):
         try:
             part = finder([read_header(full_path(folder, name))], f"{folder}/{name}")
-            if part is not None and fits(part):
+            if part is not None:
+                config_of(part)
                 candidates.append(part)
         except ZImageFileError:
             continue
@@ -385,52 +328,27 @@ def _common_prefix(a: str, b: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checking every part before any weight is read.
+# Shapes in ComfyUI's key layout, for the plan (a diffusers folder's are converted by core's own tables).
 
-@dataclass
-class LoadPlan:
-    dit_config: dict
-    text_encoder_config: dict
-    vae_config: dict
-    variant: str
-    variant_reason: str
-    reference_layout: str | None  # see checkpoint_format.reference_layout
-
-
-def dit_comfy_shapes(part: Part) -> dict[str, tuple]:
+def comfy_layout_shapes(part: Part, convert) -> dict[str, tuple]:
+    """A part's shapes as they are, or a diffusers part's through core's key conversion `convert`, run on `meta`."""
     if part.layout == "comfy":
         return part.shapes
     meta = {k: torch.empty(s, device="meta") for k, s in part.shapes.items()}
-    return {k: tuple(v.shape) for k, v in convert_diffusers_dit(meta).items()}
+    return {k: tuple(v.shape) for k, v in convert(meta).items()}
+
+
+def dit_comfy_shapes(part: Part) -> dict[str, tuple]:
+    return comfy_layout_shapes(part, convert_diffusers_dit)
 
 
 def plan_dit_config(part: Part) -> dict:
+    """The diffusion model's config alone (for callers that load a diffusion model file by itself)."""
     return infer_dit_config(dit_comfy_shapes(part), part.label, part.metadata)
 
 
 def vae_ldm_shapes(part: Part) -> dict[str, tuple]:
-    if part.layout == "comfy":
-        return part.shapes
-    meta = {k: torch.empty(s, device="meta") for k, s in part.shapes.items()}
-    return {k: tuple(v.shape) for k, v in diffusers_convert.convert_vae_state_dict(meta).items()}
-
-
-def plan_load(parts: Parts) -> LoadPlan:
-    dit_config = parts.dit_config
-    te_config = infer_qwen3_config(parts.text_encoder.shapes, parts.text_encoder.label)
-    if te_config["hidden_size"] != dit_config["cap_feat_dim"]:
-        raise ZImageFileError(
-            f"{parts.text_encoder.label}: this text encoder outputs {te_config['hidden_size']}-wide features but "
-            f"{parts.dit.label} expects {dit_config['cap_feat_dim']} (cap_embedder width). Use the text encoder made "
-            "for this model (qwen_3_4b.safetensors for real Z-Image; the nano text encoder for nano models).")
-    vae_config = infer_vae_config(vae_ldm_shapes(parts.vae), parts.vae.label)
-    variant, reason = detect_variant(parts.model_name, parts.dit.metadata, parts.dit.shapes.keys())
-    layout = reference_layout(variant, dit_comfy_shapes(parts.dit), parts.dit.metadata)
-    if layout == "omni" and not nextdit_takes_reference_latents():
-        raise ZImageFileError(f"{parts.dit.label}: a Z-Image Omni/Edit model (it has SigLIP image-feature weights), which "
-                              "this ComfyUI's NextDiT cannot run. Update ComfyUI (0.33 runs them) and load the file "
-                              "again.")
-    return LoadPlan(dit_config, te_config, vae_config, variant, reason, layout)
+    return comfy_layout_shapes(part, diffusers_convert.convert_vae_state_dict)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -565,8 +483,8 @@ def load_diffusion_model(part: Part, unet_config: dict, weight_dtype, compute_dt
             apply_quantization(model_config, quant, part.label)
 
     load_device = mm.get_torch_device()
-    parameters = sum(_numel(s) for s in part.shapes.values())
-    file_dtype = _most_common_torch_dtype(part.dtypes)
+    parameters = sum(math.prod(s) for s in part.shapes.values())
+    file_dtype = TORCH_DTYPES.get(most_common_dtype(part.dtypes), torch.float32)
     supported = list(model_config.supported_inference_dtypes)
     # As core's loading: the weight dtype of a quantised file is chosen for the device, not taken from the file, and
     # mixed-precision layers compute in the dtype chosen for no weight dtype at all.
@@ -615,37 +533,8 @@ def refuse_unplaced(part: Part, wanted) -> None:
                               "ComfyUI and this plugin, or pick a Z-Image Turbo/Base file.")
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _most_common_torch_dtype(dtypes: dict[str, str]):
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-    counts: dict = {}
-    for d in dtypes.values():
-        counts[d] = counts.get(d, 0) + 1
-    best = max(counts, key=counts.get) if counts else "F32"
-    return names.get(best, torch.float32)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Text encoder: ComfyUI's Qwen3 and Z-Image tokenizer/template, sized from the file.
-
-def qwen3_model_class(config: dict):
-    class SizedQwen3(llama.BaseLlama, torch.nn.Module):
-        def __init__(self, config_dict, dtype, device, operations):
-            super().__init__()
-            cfg = llama.Qwen3_4BConfig(**{k: v for k, v in config.items() if k != "head_dim"})
-            cfg.head_dim = config["head_dim"]  # a class attribute in ComfyUI's config, fixed at 128 there
-            self.num_layers = cfg.num_hidden_layers
-            self.model = llama.Llama2_(cfg, device=device, dtype=dtype, ops=operations)
-            self.dtype = dtype
-    return SizedQwen3
-
 
 def text_encoder_class(config: dict, llama_dtype=None, llama_options: dict | None = None):
     """A ZImageTEModel whose Qwen3 has the file's sizes; identical to core's for the real 4B encoder. As core's
@@ -672,15 +561,13 @@ def text_encoder_class(config: dict, llama_dtype=None, llama_options: dict | Non
 
 
 def load_text_encoder(part: Part, config: dict, pbar):
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-    llama_dtype = names.get(part.dtypes.get("model.norm.weight"))  # the same rule as core's llama_detect
+    llama_dtype = TORCH_DTYPES.get(part.dtypes.get("model.norm.weight"))  # the same rule as core's llama_detect
     quantized, quant = read_quantized(part, pbar) if is_quantized(part.shapes, part.metadata) else (None, None)
     target = type("ClipTarget", (), {})()
     target.params = {}
     target.clip = text_encoder_class(config, llama_dtype, quant.text_encoder_options if quant is not None else None)
     target.tokenizer = z_image.ZImageTokenizer
-    parameters = sum(_numel(s) for s in part.shapes.values())
+    parameters = sum(math.prod(s) for s in part.shapes.values())
     clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"), parameters=parameters,
                          model_options={"initial_device": torch.device("meta")})
     transformer = clip.cond_stage_model.qwen3_4b.transformer

@@ -64,10 +64,21 @@ KEEP_TOOLTIP = ("Where whole activations wait between layers. auto: on the GPU w
 VAE_TOOLTIP = "Any image AutoencoderKL: the Flux/Z-Image VAE, the nano VAE, SD's VAE."
 
 
-def vae_and_tiling_inputs() -> list:
-    return [io.Vae.Input("vae", tooltip=VAE_TOOLTIP),
+def tiled_schema(node_id: str, display_name: str, description: str, data_input, output) -> io.Schema:
+    """The schema both nodes share: their data, then the VAE and the tiling options."""
+    return io.Schema(
+        node_id=node_id,
+        display_name=display_name,
+        category="Z-Image/latent",
+        description=description,
+        inputs=[
+            data_input,
+            io.Vae.Input("vae", tooltip=VAE_TOOLTIP),
             io.Combo.Input("tile_size", options=list(TILE_SIZES), default=AUTO, tooltip=TILE_TOOLTIP),
-            io.Combo.Input("keep_activations", options=list(KEEP), default="auto", tooltip=KEEP_TOOLTIP, optional=True)]
+            io.Combo.Input("keep_activations", options=list(KEEP), default="auto", tooltip=KEEP_TOOLTIP, optional=True),
+        ],
+        outputs=[output],
+    )
 
 
 class TiledVAENode(io.ComfyNode):
@@ -81,19 +92,11 @@ class TiledVAENode(io.ComfyNode):
 class ZImageTiledVAEDecode(TiledVAENode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="ZImageTiledVAEDecode",
-            display_name="Z-Image Tiled VAE Decode",
-            category="Z-Image/latent",
-            description="Decodes latents in tiles, layer by layer, with whole-image GroupNorm statistics and global "
-                        "attention: seamless by construction and equal to a full decode, in a fraction of its "
-                        "memory, and faster than core's tiled decode (which decodes three tilings).",
-            inputs=[
-                io.Latent.Input("samples"),
-                *vae_and_tiling_inputs(),
-            ],
-            outputs=[io.Image.Output(display_name="IMAGE")],
-        )
+        return tiled_schema("ZImageTiledVAEDecode", "Z-Image Tiled VAE Decode",
+                            "Decodes latents in tiles, layer by layer, with whole-image GroupNorm statistics and global "
+                            "attention: seamless by construction and equal to a full decode, in a fraction of its "
+                            "memory, and faster than core's tiled decode (which decodes three tilings).",
+                            io.Latent.Input("samples"), io.Image.Output(display_name="IMAGE"))
 
     @classmethod
     def execute(cls, samples, vae, tile_size, keep_activations="auto") -> io.NodeOutput:
@@ -107,19 +110,11 @@ class ZImageTiledVAEDecode(TiledVAENode):
 class ZImageTiledVAEEncode(TiledVAENode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="ZImageTiledVAEEncode",
-            display_name="Z-Image Tiled VAE Encode",
-            category="Z-Image/latent",
-            description="Encodes large images in tiles, layer by layer, with whole-image GroupNorm statistics and "
-                        "global attention: equal to a full encode, in a fraction of its memory (for the edit "
-                        "pipeline's input images).",
-            inputs=[
-                io.Image.Input("pixels"),
-                *vae_and_tiling_inputs(),
-            ],
-            outputs=[io.Latent.Output(display_name="LATENT")],
-        )
+        return tiled_schema("ZImageTiledVAEEncode", "Z-Image Tiled VAE Encode",
+                            "Encodes large images in tiles, layer by layer, with whole-image GroupNorm statistics and "
+                            "global attention: equal to a full encode, in a fraction of its memory (for the edit "
+                            "pipeline's input images).",
+                            io.Image.Input("pixels"), io.Latent.Output(display_name="LATENT"))
 
     @classmethod
     def execute(cls, pixels, vae, tile_size, keep_activations="auto") -> io.NodeOutput:
@@ -139,31 +134,7 @@ def tiled_decode(vae, samples: torch.Tensor, tile_size="auto", keep: str = "auto
                             "them, not the VAE. See that node; with Z-Image, fp16 compute is the usual cause (set the "
                             "loader's compute_dtype to bf16).")
     tile = parse_tile_size(tile_size)
-    _, _, h, w = samples.shape
-    dec: Decoder = model.decoder
-    scale = 2 ** (dec.num_resolutions - 1)
-
-    def work(budget: Budget) -> torch.Tensor:
-        z = samples.to(budget.device, budget.dtype)
-        if budget.whole:
-            out = model.decode(z).to(mm.intermediate_device()).float()
-            budget.tick()
-            return out
-        return decode_exact(model, z, budget)
-
-    def steps(budget: Budget) -> int:
-        """A statistics pass for each level's first input, two passes per block, then conv_out."""
-        if budget.whole:
-            return 1
-        total, hh, ww = 0, h, w
-        for i_level in reversed(range(dec.num_resolutions)):
-            total += count_tiles(budget, hh, ww) * (1 + 2 * len(dec.up[i_level].block))
-            if i_level != 0:
-                hh, ww = 2 * hh, 2 * ww
-        return total + count_tiles(budget, hh, ww)
-
-    out = run_tiled(vae, work, samples.shape, tile, keep, steps, max(h, w) * scale,
-                    stored_bytes(model, samples.shape, vae.vae_dtype))
+    out = run_tiled(vae, DecodeJob(vae, model, samples), tile, keep)
     if not bool(torch.isfinite(out).all()):
         raise TiledVAEError("The VAE decoded NaN or infinite values, which would make a black image. Usual causes: the "
                             "VAE running in fp16 (start ComfyUI with --fp32-vae or --bf16-vae), or NaN/infinite weights "
@@ -186,31 +157,98 @@ def tiled_encode(vae, pixels: torch.Tensor, tile_size="auto", keep: str = "auto"
     if pixels.shape[1] < 8 or pixels.shape[2] < 8:
         raise TiledVAEError(f"The image is {pixels.shape[2]}x{pixels.shape[1]} pixels; the VAE needs at least 8x8.")
     tile = parse_tile_size(tile_size)
-    b, h, w, _ = pixels.shape
-    latent_shape = (b, vae.latent_channels, h // 8, w // 8)
-    enc: Encoder = model.encoder
+    return run_tiled(vae, EncodeJob(vae, model, pixels), tile, keep)
 
-    def work(budget: Budget) -> torch.Tensor:
+
+# ---------------------------------------------------------------------------------------------------
+# Jobs: one decode or encode, what run_tiled plans and runs.
+
+class TiledJob:
+    """The shapes of one decode or encode, the memory its exact mode keeps, its work and its progress steps."""
+    vae: object
+    model: AutoencodingEngineLegacy
+    latent_shape: tuple[int, int, int, int]
+    image_side: int  # pixels of the image's longer side
+
+    def stored_bytes(self) -> int:
+        """The most the exact mode keeps at once, at this job's latent size (the encoder's levels hold the decoder's
+        widths at the same resolutions, so the decoder's count serves an encode too)."""
+        return stored_bytes(self.model, self.latent_shape, self.vae.vae_dtype)
+
+    def steps(self, budget: Budget) -> int:
+        raise NotImplementedError
+
+    def run(self, budget: Budget) -> torch.Tensor:
+        raise NotImplementedError
+
+    def budget(self, device, store, tile: int) -> Budget:
+        """The budget of one attempt, with a progress bar when it runs more than one step (a one-tile image is one
+        call: a 1/1 bar would say nothing)."""
+        budget = Budget(device, self.vae.vae_dtype, store, tile, self.image_side)
+        if (n := self.steps(budget)) > 1:
+            budget.pbar = comfy.utils.ProgressBar(n)
+        return budget
+
+
+class DecodeJob(TiledJob):
+    """A latent (B, C, h, w) to the VAE's output (B, 3, H, W) on the intermediate device."""
+
+    def __init__(self, vae, model: AutoencodingEngineLegacy, samples: torch.Tensor):
+        self.vae, self.model, self.samples = vae, model, samples
+        self.latent_shape = tuple(samples.shape)
+        self.decoder: Decoder = model.decoder
+        self.image_side = max(self.latent_shape[2:]) * 2 ** (self.decoder.num_resolutions - 1)
+
+    def steps(self, budget: Budget) -> int:
+        """A statistics pass for each level's first input, two passes per block, then conv_out."""
         if budget.whole:
-            x = vae.process_input(pixels.to(budget.device).movedim(-1, 1)).to(budget.dtype)
-            z = model.encode(x).to(mm.intermediate_device()).float()
-            budget.tick()
-            return z
-        field = Pixels(pixels, vae.process_input, budget.device, budget.dtype)
-        return encode_exact(model, field, budget).to(mm.intermediate_device()).float()
+            return 1
+        dec = self.decoder
+        total, (hh, ww) = 0, self.latent_shape[2:]
+        for i_level in reversed(range(dec.num_resolutions)):
+            total += count_tiles(budget, hh, ww) * (1 + 2 * len(dec.up[i_level].block))
+            if i_level != 0:
+                hh, ww = 2 * hh, 2 * ww
+        return total + count_tiles(budget, hh, ww)
 
-    def steps(budget: Budget) -> int:
+    def run(self, budget: Budget) -> torch.Tensor:
+        z = self.samples.to(budget.device, budget.dtype)
+        if budget.whole:
+            out = self.model.decode(z).to(mm.intermediate_device()).float()
+            budget.tick()
+            return out
+        return decode_exact(self.model, z, budget)
+
+
+class EncodeJob(TiledJob):
+    """Cropped pixels (B, H, W, 3) to the latent (B, C, H/8, W/8) on the intermediate device."""
+
+    def __init__(self, vae, model: AutoencodingEngineLegacy, pixels: torch.Tensor):
+        self.vae, self.model, self.pixels = vae, model, pixels
+        b, h, w, _ = pixels.shape
+        self.latent_shape = (b, vae.latent_channels, h // 8, w // 8)
+        self.encoder: Encoder = model.encoder
+        self.image_side = max(h, w)
+
+    def steps(self, budget: Budget) -> int:
         """Per level: a statistics pass for its first input, two passes per block."""
         if budget.whole:
             return 1
-        total, hh, ww = 0, h, w
+        enc = self.encoder
+        total, (hh, ww) = 0, self.pixels.shape[1:3]
         for i_level in range(enc.num_resolutions):
             total += count_tiles(budget, hh, ww) * (1 + 2 * len(enc.down[i_level].block))
             hh, ww = hh // 2, ww // 2
         return total
 
-    return run_tiled(vae, work, latent_shape, tile, keep, steps, max(h, w),
-                     stored_bytes(model, latent_shape, vae.vae_dtype))
+    def run(self, budget: Budget) -> torch.Tensor:
+        if budget.whole:
+            x = self.vae.process_input(self.pixels.to(budget.device).movedim(-1, 1)).to(budget.dtype)
+            z = self.model.encode(x).to(mm.intermediate_device()).float()
+            budget.tick()
+            return z
+        field = Pixels(self.pixels, self.vae.process_input, budget.device, budget.dtype)
+        return encode_exact(self.model, field, budget).to(mm.intermediate_device()).float()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,11 +329,11 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
-def run_tiled(vae, work: Callable[[Budget], torch.Tensor], latent_shape, tile: int | None, keep: str,
-              steps: Callable[[Budget], int], image_side: int, store_bytes: int) -> torch.Tensor:
-    """Load the VAE, pick a tile size and a home for whole activations, run `work`, and on running out of
-    memory move activations to RAM, then halve the tile, until it fits or the tile reaches the minimum."""
-    device, dtype = vae.device, vae.vae_dtype
+def plan_tiling(vae, job: TiledJob, tile: int | None, keep: str) -> Budget:
+    """Load the VAE and settle, before any work, where whole activations live (refusing a job whose activations RAM
+    cannot hold) and the tile size."""
+    device = vae.device
+    store_bytes = job.stored_bytes()
     mm.load_models_gpu([vae.patcher], memory_required=store_bytes, force_full_load=getattr(vae, "disable_offload", False))
     if keep not in KEEP:
         raise TiledVAEError(f"keep_activations {keep!r} is not one of {', '.join(KEEP)}.")
@@ -307,27 +345,38 @@ def run_tiled(vae, work: Callable[[Budget], torch.Tensor], latent_shape, tile: i
                             f"{ram / 2**30:.1f} GiB this process may still use (free RAM, or its "
                             "container's limit). Decode a smaller image, or free memory first.")
     if tile is None:
-        tile = auto_tile(vae, latent_shape, device, store_bytes if store == device or device.type == "cpu" else 0)
+        tile = auto_tile(vae, job.latent_shape, device, store_bytes if store == device or device.type == "cpu" else 0)
+    return job.budget(device, store, tile)
+
+
+def after_out_of_memory(job: TiledJob, budget: Budget) -> Budget:
+    """The next attempt's budget: activations moved to RAM, else the tile halved, else a clear refusal."""
+    store, tile = budget.store, budget.tile
+    if store.type != "cpu":
+        store = torch.device("cpu")
+        log.warning("Tiled VAE: out of memory; keeping whole activations in RAM instead and retrying")
+    elif tile // 2 >= MIN_TILE:
+        tile = tile // 2 - (tile // 2) % 8
+        log.warning("Tiled VAE: out of memory; retrying with %d px tiles", tile)
+    else:
+        raise TiledVAEError(f"Out of memory even with {tile} px tiles and activations in RAM. Free memory (close "
+                            "other programs, unload models) or run ComfyUI with --cpu-vae.")
+    return job.budget(budget.device, store, tile)
+
+
+def run_tiled(vae, job: TiledJob, tile: int | None, keep: str) -> torch.Tensor:
+    """Run a job on the plan of plan_tiling, and on running out of memory move activations to RAM, then halve the
+    tile, until it fits or the tile reaches the minimum."""
+    budget = plan_tiling(vae, job, tile, keep)
     while True:
-        budget = Budget(device, dtype, store, tile, image_side)
-        if (n := steps(budget)) > 1:  # a one-tile image is one call: a 1/1 bar would say nothing
-            budget.pbar = comfy.utils.ProgressBar(n)
         try:
             with torch.inference_mode():
-                return work(budget)
+                return job.run(budget)
         except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
             if not is_oom(e):
                 raise
         mm.soft_empty_cache(True)
-        if store.type != "cpu":
-            store = torch.device("cpu")
-            log.warning("Tiled VAE: out of memory; keeping whole activations in RAM instead and retrying")
-        elif tile // 2 >= MIN_TILE:
-            tile = tile // 2 - (tile // 2) % 8
-            log.warning("Tiled VAE: out of memory; retrying with %d px tiles", tile)
-        else:
-            raise TiledVAEError(f"Out of memory even with {tile} px tiles and activations in RAM. Free memory (close "
-                                "other programs, unload models) or run ComfyUI with --cpu-vae.")
+        budget = after_out_of_memory(job, budget)
 
 
 # ---------------------------------------------------------------------------------------------------

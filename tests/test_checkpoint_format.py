@@ -21,6 +21,7 @@ from comfyui_zimage.nodes.checkpoint_format import (
     infer_vae_config,
     read_header,
 )
+from comfyui_zimage.nodes.edit import qwen3_model_class
 
 # The published configurations of the released models (Tongyi-MAI/Z-Image-Turbo transformer/config.json,
 # Qwen/Qwen3-4B config.json, black-forest-labs FLUX.1 ae).
@@ -97,9 +98,9 @@ def test_real_qwen3_4b_layout_gives_its_config():
                                       ops=comfy.ops.disable_weight_init)
     shapes = meta_shapes(wrapper)
     assert infer_qwen3_config(shapes, "qwen_3_4b.safetensors") == QWEN3_4B
-    # The loader's sized Qwen3 at these sizes is ComfyUI's Qwen3_4B, key for key and shape for shape.
+    # The package's sized Qwen3 at these sizes is ComfyUI's Qwen3_4B, key for key and shape for shape.
     with torch.device("meta"):
-        ours = loader.qwen3_model_class(QWEN3_4B)({}, torch.bfloat16, "meta", comfy.ops.disable_weight_init)
+        ours = qwen3_model_class(QWEN3_4B)({}, torch.bfloat16, "meta", comfy.ops.disable_weight_init)
         core = llama.Qwen3_4B({}, torch.bfloat16, "meta", comfy.ops.disable_weight_init)
     assert meta_shapes(ours) == meta_shapes(core)
 
