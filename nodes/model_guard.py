@@ -140,11 +140,12 @@ def check_cfg(args: dict):
     return args["denoised"]
 
 
-_warned: set = set()
+_last_warning: tuple | None = None  # prompts run one at a time: the last (prompt, message) is all "once" needs
 
 
 def warn_once(message: str) -> None:
     """A warning in the log and, as a toast, in the canvas (web/warnings.js), once per prompt."""
+    global _last_warning
     try:
         from server import PromptServer
 
@@ -152,9 +153,9 @@ def warn_once(message: str) -> None:
         key = (getattr(server, "last_prompt_id", None), message)
     except (ImportError, AttributeError):
         server, key = None, (None, message)
-    if key in _warned:
+    if key == _last_warning:
         return
-    _warned.add(key)
+    _last_warning = key
     log.warning("%s", message)
     if server is not None:
         server.send_sync("zimage.warning", {"message": message, "prompt_id": key[0]}, getattr(server, "client_id", None))
