@@ -5,6 +5,7 @@
     python3 install.py run [...]       the main job: turbo workflow on a headless ComfyUI, images to a folder
     python3 install.py test [...]      the test suite (pytest arguments pass through); installs chromium and
                                        playwright-core for the browser tests where it can
+    python3 install.py test --fast     only the in-process tests (no server, browser, training or pip install)
     python3 install.py download [...]  fetch the real Z-Image files (needs internet; never done implicitly)
 
     --comfyui SOURCE (with install, run or test): use the ComfyUI in SOURCE, a ComfyUI folder or a .tar.gz of
@@ -34,6 +35,8 @@ import venv
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from zimage_client.runtime import existing_comfyui  # standard library only; the client finds ComfyUI the same way
 
 ROOT = Path(__file__).resolve().parent
 RUNTIME_DIR = ROOT / ".comfyui"
@@ -67,17 +70,6 @@ DEV_REQUIREMENTS = ROOT / "requirements-dev.txt"
 
 def log(message: str) -> None:
     print(f"[comfyui-zimage] {message}", flush=True)
-
-
-def existing_comfyui() -> Path | None:
-    """The ComfyUI this plugin is installed into, if any."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env).resolve()
-    parent = ROOT.parent
-    if parent.name == "custom_nodes" and (parent.parent / "main.py").is_file():
-        return parent.parent
-    return None
 
 
 def pip_install(python: Path | str, *args: str) -> None:
@@ -295,7 +287,7 @@ def missing_client_imports() -> list[str]:
 
 
 def install(args: argparse.Namespace) -> int:
-    comfy = existing_comfyui()
+    comfy = existing_comfyui(ROOT)
     if comfy is not None and args.comfyui is None:
         install_plugin_requirements(comfy)
         return 0
@@ -308,14 +300,14 @@ def run_in_runtime(module: str, argv: list[str], source: str | None = None) -> i
 
     With a source (--comfyui) that runtime is used even inside an existing ComfyUI."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if source is not None or existing_comfyui() is None:
+    if source is not None or existing_comfyui(ROOT) is None:
         runtime = source_runtime(source) if source is not None else DEFAULT_RUNTIME
         provision_bare(runtime=runtime)
         python = str(runtime.python)
         env["ZIMAGE_COMFYUI_DIR"] = str(runtime.comfy_dir)
     else:
         python = sys.executable
-        comfy = existing_comfyui()
+        comfy = existing_comfyui(ROOT)
         if missing_client_imports():
             install_plugin_requirements(comfy)
         env.setdefault("ZIMAGE_COMFYUI_DIR", str(comfy))
@@ -348,9 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     if command == "run":
         return run_in_runtime("zimage_client.main_job", rest, source)
     if command == "test":
-        # Lint first (fast), then the whole suite: unit tests, the real-server tests and the browser tests.
-        ensure_browser_tools()
-        return run_in_runtime("ruff", ["check", "."], source) or run_in_runtime("pytest", rest or ["tests"], source)
+        # Lint first (fast), then the whole suite (unit, server, client and browser tests), or with --fast only the
+        # in-process ones (no ComfyUI server, browser, training run or pip install: a few minutes).
+        fast = "--fast" in rest
+        rest = [arg for arg in rest if arg != "--fast"]
+        if not fast:
+            ensure_browser_tools()
+        pytest_args = (["-m", "not live"] if fast else []) + (rest or ["tests"])
+        return run_in_runtime("ruff", ["check", "."], source) or run_in_runtime("pytest", pytest_args, source)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="re-run every install step")
     parser.add_argument("--comfyui", metavar="SOURCE", help="provision the ComfyUI in SOURCE (a folder or .tar.gz)")

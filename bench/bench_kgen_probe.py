@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zimage_client.runtime import import_comfy, import_plugin  # noqa: E402
+from devtools.comfy_runtime import import_comfy, import_plugin  # noqa: E402
 
 import_comfy(cpu=True if "--cpu" in sys.argv else None)
 import_plugin()

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from zimage_client.runtime import import_comfy, import_plugin  # noqa: E402
+from devtools.comfy_runtime import import_comfy, import_plugin  # noqa: E402
 
 import_comfy(cpu=True)
 import_plugin()

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from zimage_client.runtime import REPO_ROOT, import_comfy, import_plugin  # noqa: E402
+from devtools.comfy_runtime import REPO_ROOT, import_comfy, import_plugin  # noqa: E402
 
 import_comfy(cpu=True if "--cpu" in sys.argv else None)
 import_plugin()
@@ -37,8 +37,8 @@ import torch  # noqa: E402
 from comfyui_zimage.nodes.tiled_vae import tiled_decode  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from zimage_testing.checkpoints import TINY_VAE, tiny_vae  # noqa: E402
 
-from devtools.checkpoint_fixtures import TINY_VAE, tiny_vae  # noqa: E402
 from nano import scenes  # noqa: E402
 
 FLUX = dict(TINY_VAE, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2)

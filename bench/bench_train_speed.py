@@ -24,7 +24,7 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent.parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from zimage_client.runtime import import_comfy  # noqa: E402
+from devtools.comfy_runtime import import_comfy  # noqa: E402
 
 import_comfy(cpu=True)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent.parent) not in sys.path:  # (not ahead of ComfyUI's own `nodes`)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from zimage_client.runtime import REPO_ROOT, import_comfy, import_plugin  # noqa: E402
+from devtools.comfy_runtime import REPO_ROOT, import_comfy, import_plugin  # noqa: E402
 
 if "comfy.model_management" not in sys.modules:  # imported by another benchmark: keep its device choice
     import_comfy(cpu=True)

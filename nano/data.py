@@ -8,7 +8,7 @@ import random
 import time
 from pathlib import Path
 
-from zimage_client.runtime import import_comfy
+from devtools.comfy_runtime import import_comfy
 
 import_comfy()
 

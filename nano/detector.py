@@ -2,7 +2,7 @@
 
 It scores generated images against what a prompt asked for (`score_prompt`) and edits against their
 instruction (`score_edit`). Pure numpy/scipy/PIL; it reads the renders of `scenes.py` perfectly, which
-tests/test_nano_scenes.py checks, so its errors on generated images are the models' errors.
+tests/unit/test_nano_scenes.py checks, so its errors on generated images are the models' errors.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from zimage_client.runtime import import_comfy, import_plugin
+from devtools.comfy_runtime import import_comfy, import_plugin
 
 import_comfy()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from zimage_client.runtime import import_comfy, import_plugin
+from devtools.comfy_runtime import import_comfy, import_plugin
 
 import_comfy()
 

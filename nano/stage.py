@@ -9,7 +9,7 @@ import math
 import time
 from pathlib import Path
 
-from zimage_client.runtime import import_comfy, import_plugin
+from devtools.comfy_runtime import import_comfy, import_plugin
 
 import_comfy()
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from zimage_client.runtime import REPO_ROOT, import_comfy
+from devtools.comfy_runtime import REPO_ROOT, import_comfy
 
 import_comfy()
 
@@ -58,7 +58,7 @@ from .models import VAE, VAE_CONFIG, encode_text, make_dit, make_text_encoder, u
 from .plan import Plan  # noqa: E402
 from .stage import EMA, Stage, claim_work_folder, compiled, log, make_optimizer, optimise, step_generator  # noqa: E402
 
-# The names bench/bench_train_speed.py takes from here as `nt.*` (tests/test_nano_train.py checks they stay).
+# The names bench/bench_train_speed.py takes from here as `nt.*` (tests/unit/test_nano_train.py checks they stay).
 __all__ = ["REPO_ROOT", "Captions", "Plan", "VAE", "compiled", "images_to_tensor", "main", "make_dit",
            "make_text_encoder", "optimise", "train_base", "train_edit", "train_turbo", "use_sdpa_attention",
            "used_token_ids"]

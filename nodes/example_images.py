@@ -3,7 +3,7 @@
 Core's Load Image reads only ComfyUI's input/ folder, where the edit workflow's pictures are not until someone
 uploads them (Run then fails with "Invalid image file", and /prompt with HTTP 400). This node reads one of the
 pictures that ship in the package's workflows/ folder instead, read-only, and writes nothing anywhere. It gives
-the IMAGE and MASK core's Load Image gives for the same file (tests/test_example_images.py compares them).
+the IMAGE and MASK core's Load Image gives for the same file (tests/unit/test_example_images.py compares them).
 """
 from __future__ import annotations
 

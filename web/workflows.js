@@ -7,7 +7,7 @@ import { api } from "../../scripts/api.js";
 // The folder ComfyUI loaded this package from (users may clone it under another name).
 const PACKAGE = decodeURIComponent(new URL(import.meta.url).pathname.split("/").at(-2));
 
-// Every workflows/*.json, in menu order (tests/test_workflows.py checks this list against the folder, and the
+// Every workflows/*.json, in menu order (tests/unit/test_workflows.py checks this list against the folder, and the
 // steps and cfg a label quotes against the loader's recommended settings for the workflow's model).
 export const WORKFLOWS = [
   ["zimage-turbo", "Turbo: text to image (9 steps, cfg 1)"],

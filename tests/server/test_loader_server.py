@@ -5,8 +5,8 @@ import io
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, sampling_graph
 from PIL import Image
+from zimage_testing.helpers import REPO_ROOT, sampling_graph
 
 SOURCES = [
     "diffusion_models/tiny-zimage-turbo_bf16.safetensors",
@@ -66,7 +66,7 @@ def test_every_format_samples_with_core_nodes(client, source):
 
 @pytest.mark.parametrize("text_encoder", ["tiny-qwen3_fp8_scaled.safetensors", "tiny-qwen3_mixed_fp8.safetensors"])
 def test_quantized_text_encoders_sample_with_core_nodes(client, text_encoder):
-    """Through core's CLIPTextEncode; how close they come to the bf16 encoder: tests/test_quantized_formats.py."""
+    """Through core's CLIPTextEncode; how close they come to the bf16 encoder: tests/unit/test_quantized_formats.py."""
     result = client.run(sampling_graph("diffusion_models/tiny-zimage-turbo_fp8_scaled.safetensors",
                                        text_encoder=text_encoder, prefix="te"), timeout=300)
     assert result.status == "success", result.error

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO_ROOT
+from zimage_testing.helpers import REPO_ROOT
 
 from zimage_client import submit
 

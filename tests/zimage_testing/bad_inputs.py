@@ -1,11 +1,12 @@
-"""Hostile and broken model files for the bad-input suite (tests/test_bad_inputs_server.py), written into a
-ComfyUI models folder beside the good fixtures of checkpoint_fixtures.py.
+"""Hostile and broken model files for the bad-input suite (tests/server/test_bad_inputs_server.py), written into a
+ComfyUI models folder beside the good fixtures of checkpoints.py.
 
 Every file is small; what makes it bad is a header that lies (counts, shapes, offsets), a pickle under a
 .safetensors name, non-finite weights or broken metadata.
 
-    python -m devtools.bad_inputs write DIR          # the files, into the models folder DIR
-    python -m devtools.bad_inputs table A.json B.json  # docs/bad-inputs.md's table from the suite's outcome files
+    PYTHONPATH=tests python -m zimage_testing DIR                       # these files and the good ones, into DIR
+    PYTHONPATH=tests python -m zimage_testing.bad_inputs table A.json B.json  # docs/bad-inputs.md's table from the
+                                                                              # suite's outcome files
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from devtools.checkpoint_fixtures import (
+from zimage_testing.checkpoints import (
     cast,
     dit_to_diffusers,
     save,
@@ -124,10 +125,7 @@ def outcome_table(runs: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    command, *paths = sys.argv[1:] or ["write", "fixtures-models"]
-    if command == "table":
-        print(outcome_table([json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]))
-    else:
-        target = Path(paths[0] if paths else "fixtures-models")
-        for case, path in write_bad_inputs(target, target / "UNPICKLED-CANARY").items():
-            print(f"{case}: {path}")
+    command, *paths = sys.argv[1:] or [""]
+    if command != "table" or not paths:
+        sys.exit("usage: PYTHONPATH=tests python -m zimage_testing.bad_inputs table OUTCOMES.json [...]")
+    print(outcome_table([json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]))

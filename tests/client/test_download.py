@@ -238,6 +238,8 @@ def test_default_models_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     monkeypatch.delenv("ZIMAGE_COMFYUI_DIR", raising=False)
     plugin = tmp_path / "ComfyUI" / "custom_nodes" / "comfyui-zimage"
+    plugin.mkdir(parents=True)
+    (tmp_path / "ComfyUI" / "main.py").write_text("")  # what makes the folder above custom_nodes/ a ComfyUI
     assert download.default_models_dir(plugin) == tmp_path / "ComfyUI" / "models"
     assert download.default_models_dir(tmp_path / "repo") == tmp_path / "repo" / ".comfyui" / "models"
     monkeypatch.setenv("COMFYUI_PATH", os.fspath(tmp_path / "elsewhere"))

@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
-from conftest import REPO_ROOT
 from PIL import Image
+from zimage_testing.helpers import REPO_ROOT
 
 from zimage_client import submit
 from zimage_client.comfy_api import ComfyClient

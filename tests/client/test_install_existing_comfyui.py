@@ -2,7 +2,6 @@
 `python -m zimage_client` runs from any directory once the plugin folder is on the path."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -11,19 +10,10 @@ import sys
 import venv
 
 import pytest
-from conftest import REPO_ROOT
+from zimage_testing.helpers import REPO_ROOT
 
 WORKFLOW = REPO_ROOT / "workflows" / "api" / "zimage-turbo.json"
 EXIT_UNREACHABLE = 3  # zimage_client.submit's code for a server that cannot be reached
-
-
-@pytest.fixture()
-def install(monkeypatch):
-    spec = importlib.util.spec_from_file_location("zimage_install_existing", REPO_ROOT / "install.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def closed_port() -> int:
@@ -79,6 +69,7 @@ def test_the_client_runs_from_another_directory_with_the_plugin_folder_on_the_pa
     assert by_path.returncode == EXIT_UNREACHABLE and "cannot be reached" in by_path.stderr, by_path.stderr
 
 
+@pytest.mark.live  # a new virtual environment and a pip install
 def test_install_into_an_existing_comfyui_gives_a_working_client(tmp_path):
     """A real install: a fresh interpreter standing for ComfyUI's, install.py run by it as ComfyUI-Manager does,
     then the client from another directory (pip uses the machine's configured index)."""

@@ -1,32 +1,21 @@
 """The bundled workflows as files: each UI workflow has its API twin, thumbnail and menu entry, uses this
 package's nodes, keeps the pruning patch one keystroke away, says how to switch to the real files, gives every
-node a title of its own, and quotes only the steps and cfg the loader recommends. On a fresh server each API twin
-is accepted and runs as it is, with nothing uploaded, and the template browser's route lists the workflows.
-(That each twin is exactly the frontend's export, and that each runs from the canvas, is tests/test_browser.py.)"""
+node a title of its own, and quotes only the steps and cfg the loader recommends. (Each twin running on a fresh
+server: tests/server/test_workflows_server.py; each twin being exactly the frontend's export, and each workflow
+running from the canvas: tests/browser/test_browser.py.)"""
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 from comfyui_zimage.nodes.checkpoint_format import SAMPLING_SETTINGS
-from conftest import REPO_ROOT, WORKFLOW_MENU
+from zimage_testing.helpers import WORKFLOW_MENU, WORKFLOWS_DIR, api_workflow, model_variant, ui_workflow, workflow_names
 
-from zimage_client.server import ComfyServer
-
-WORKFLOWS = REPO_ROOT / "workflows"
-NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+WORKFLOWS = WORKFLOWS_DIR
+NAMES = workflow_names()
 BYPASSED = 4  # LiteGraph's node mode
 ZIMAGE_NODES = {"ZImageCheckpointLoader", "ZImageChineseTextEncode", "ZImageKGenProbe", "ZImageKGenReport",
                 "ZImageEntropyPrunedAttention"}
-
-
-def ui(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
-
-
-def api(name: str) -> dict:
-    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
 
 
 def test_every_workflow_has_its_api_twin_thumbnail_and_menu_entry():
@@ -40,7 +29,7 @@ def test_every_workflow_has_its_api_twin_thumbnail_and_menu_entry():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_uses_the_package_nodes_and_explains_the_real_files(name):
-    nodes = ui(name)["nodes"]
+    nodes = ui_workflow(name)["nodes"]
     types = {n["type"] for n in nodes}
     assert ZIMAGE_NODES <= types, ZIMAGE_NODES - types
     assert {"ZImageTiledVAEDecode"} <= types
@@ -50,13 +39,13 @@ def test_workflow_uses_the_package_nodes_and_explains_the_real_files(name):
     for needed in ("models/diffusion_models/z_image_turbo_bf16.safetensors", "models/text_encoders/qwen_3_4b.safetensors",
                    "models/vae/ae.safetensors", "Ctrl+B"):
         assert needed in notes, (name, needed)
-    twin = api(name)
+    twin = api_workflow(name)
     assert "ZImageEntropyPrunedAttention" not in {n["class_type"] for n in twin.values()}  # bypassed: not sent
     assert {n["class_type"] for n in twin.values()} <= {n["type"] for n in nodes}
 
 
 def test_turbo_and_base_follow_their_variants_settings():
-    turbo, base = api("zimage-turbo"), api("zimage-base")
+    turbo, base = api_workflow("zimage-turbo"), api_workflow("zimage-base")
     for twin, variant in ((turbo, "turbo"), (base, "base")):
         (sampler,) = [n for n in twin.values() if n["class_type"] == "KSampler"]
         loader = twin[sampler["inputs"]["cfg"][0]]
@@ -69,32 +58,32 @@ def test_turbo_and_base_follow_their_variants_settings():
 
 
 def test_edit_workflow_has_instruction_editing_and_masked_inpainting():
-    twin = api("zimage-edit")
+    twin = api_workflow("zimage-edit")
     types = [n["class_type"] for n in twin.values()]
     assert types.count("ReferenceLatent") == 2 and "SetLatentNoiseMask" in types and "ImageCompositeMasked" in types
     # Its pictures are the package's own, read where they ship: nothing to upload before it runs.
     images = {n["inputs"]["image"] for n in twin.values() if n["class_type"] == "ZImageExampleImage"}
     assert images == {"zimage-edit-example.png", "zimage-inpaint-example.png"}
     assert all((WORKFLOWS / image).is_file() for image in images)
-    notes = " ".join(n["widgets_values"][0] for n in ui("zimage-edit")["nodes"] if n["type"] in ("Note", "MarkdownNote"))
+    notes = " ".join(n["widgets_values"][0] for n in ui_workflow("zimage-edit")["nodes"] if n["type"] in ("Note", "MarkdownNote"))
     assert "**Load Image**" in notes  # how to use a picture of one's own
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_no_workflow_needs_a_file_in_comfyuis_input_folder(name):
-    assert not {"LoadImage", "LoadImageMask", "LoadImageOutput"} & {n["type"] for n in ui(name)["nodes"]}
+    assert not {"LoadImage", "LoadImageMask", "LoadImageOutput"} & {n["type"] for n in ui_workflow(name)["nodes"]}
 
 
 def test_benchmark_workflows_are_wired_to_the_probe():
     for name, label in (("zimage-turbo-speed-test", "turbo-speed-test"),
                         ("zimage-base-quality-benchmark", "base-quality-benchmark")):
-        twin = api(name)
+        twin = api_workflow(name)
         (probe,) = [n for n in twin.values() if n["class_type"] == "ZImageKGenProbe"]
         (sampler,) = [n for n in twin.values() if n["class_type"] == "KSampler"]
         assert probe["inputs"]["label"] == label and twin[sampler["inputs"]["model"][0]] is probe
         (report,) = [n for n in twin.values() if n["class_type"] == "ZImageKGenReport"]
         assert report["inputs"]["save_history"] is True and report["inputs"]["prompt_stats"][0] in twin
-    quality = api("zimage-base-quality-benchmark")
+    quality = api_workflow("zimage-base-quality-benchmark")
     (sampler,) = [n for n in quality.values() if n["class_type"] == "KSampler"]
     assert sampler["inputs"]["steps"] == 30
     assert next(n for n in quality.values() if n["class_type"] == "ZImageKGenReport")["inputs"]["image_space"] is True
@@ -108,25 +97,26 @@ EDIT_GROUPS = {"Edit: ": "Instruction editing", "Inpaint: ": "Masked inpainting"
 
 def core_names(name: str) -> set[str]:
     """What a node would be called without a title of its own: its class, as ComfyUI's nodes name it."""
-    return {n["type"] for n in ui(name)["nodes"]} | {n["type"].replace("ZImage", "Z-Image ") for n in ui(name)["nodes"]}
+    types = {n["type"] for n in ui_workflow(name)["nodes"]}
+    return types | {t.replace("ZImage", "Z-Image ") for t in types}
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_node_has_a_title_of_its_own_unique_in_its_workflow(name):
-    nodes = ui(name)["nodes"]
+    nodes = ui_workflow(name)["nodes"]
     # The canvas saves a title only when it is not the node type's own name, so each node here was given one.
     titles = {str(n["id"]): n.get("title") for n in nodes}
     assert all(titles.values()), [n["type"] for n in nodes if not n.get("title")]
     assert len(set(titles.values())) == len(titles), sorted(titles.values())
     assert not set(titles.values()) & core_names(name)
-    twin = api(name)
+    twin = api_workflow(name)
     assert {i: n["_meta"]["title"] for i, n in twin.items()} == {i: titles[i] for i in twin}  # the API twin agrees
     if name != "zimage-edit":  # one group, no prefix: nothing a client could take for a "Group: " prefix
         assert not [t for t in titles.values() if ": " in t], titles
 
 
 def test_every_edit_workflow_title_names_its_group():
-    workflow, twin = ui("zimage-edit"), api("zimage-edit")
+    workflow, twin = ui_workflow("zimage-edit"), api_workflow("zimage-edit")
     groups = {g["title"].split(" (")[0]: g["bounding"] for g in workflow["groups"]}
     assert set(groups) == set(EDIT_GROUPS.values())
     for node in workflow["nodes"]:
@@ -149,19 +139,9 @@ FIGURE = re.compile(r"(?P<steps>\d+)[ -](?:steps?|NFEs?)(?:,? (?:at )?cfg (?P<pa
                     r"|cfg (?P<cfg>\d+(?:\.\d+)?)")
 
 
-def variant(model: str) -> str:
-    """The loader's variant of a bundled model (nano_zimage_turbo... is turbo)."""
-    return re.search(r"zimage_(turbo|base|edit)", model).group(1)
-
-
 def variants(name: str) -> set[str]:
-    return {variant(n["inputs"]["model"]) for n in api(name).values() if n["class_type"] == "ZImageCheckpointLoader"}
-
-
-def planned_steps(prompt: dict, sampler: dict) -> int:
-    """The steps a KSampler runs: wired from the loader (its variant's figure), or its own."""
-    steps = sampler["inputs"]["steps"]
-    return SAMPLING_SETTINGS[variant(prompt[steps[0]]["inputs"]["model"])]["steps"] if isinstance(steps, list) else steps
+    return {model_variant(n["inputs"]["model"]) for n in api_workflow(name).values()
+            if n["class_type"] == "ZImageCheckpointLoader"}
 
 
 def claims(text: str) -> list[tuple[int | None, float | None]]:
@@ -183,12 +163,12 @@ def holds(claim: tuple[int | None, float | None], settings: list[dict]) -> bool:
 @pytest.mark.parametrize("name", NAMES)
 def test_menu_label_and_notes_quote_the_loaders_settings(name):
     settings = [SAMPLING_SETTINGS[v] for v in sorted(variants(name))]
-    notes = [n["widgets_values"][0] for n in ui(name)["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    notes = [n["widgets_values"][0] for n in ui_workflow(name)["nodes"] if n["type"] in ("Note", "MarkdownNote")]
     for text in (WORKFLOW_MENU[name], *notes):
         for claim in claims(text):
             assert holds(claim, settings), (name, claim, text[:120], settings)
     # A sampler whose steps are not wired from the loader runs what the notes say it runs.
-    for node in api(name).values():
+    for node in api_workflow(name).values():
         if node["class_type"] == "KSampler" and not isinstance(node["inputs"]["steps"], list):
             assert node["inputs"]["steps"] in {steps for steps, _ in claims(" ".join(notes))}, name
 
@@ -207,58 +187,3 @@ def test_the_figure_reader_catches_a_drifted_claim():
     assert not holds(claims("distilled to 8 steps at cfg 1")[0], turbo)
     assert not holds(claims("8 NFE at cfg 1")[0], turbo)
     assert holds(claims("Turbo: text to image (9 steps, cfg 1)")[0], turbo)
-
-
-# ---------------------------------------------------------------------------------------------------
-# A fresh server: the API twins run as they are, with nothing uploaded; the template browser's route.
-
-@pytest.fixture(scope="module")
-def fresh(tmp_path_factory):
-    """A ComfyUI that has never seen an upload: its input folder is new and empty."""
-    with ComfyServer(tmp_path_factory.mktemp("fresh-comfyui"), cpu=True) as server:
-        yield server
-
-
-def input_files(server) -> list:
-    """The files in a server's input folder (newer core creates an empty input/3d/ as it starts)."""
-    return sorted(p for p in server.dir("input").rglob("*") if p.is_file())
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_api_twin_runs_on_a_fresh_server_without_any_upload(fresh, name):
-    client = fresh.client()
-    assert input_files(fresh) == []
-    prompt = api(name)
-    result = client.run(prompt, timeout=900)
-    assert result.status == "success", result.error
-    assert input_files(fresh) == []  # nothing was needed there, and nothing was put there
-    for node_id, node in prompt.items():
-        if node["class_type"] in ("SaveImage", "PreviewImage"):
-            assert result.outputs[node_id]["images"], (name, node_id)
-        if node["class_type"] == "ZImageKGenReport":  # one model evaluation per step, as the claims count them
-            report = json.loads(result.outputs[node_id]["json"][0])
-            sampler = prompt[node["inputs"]["samples"][0]]
-            assert report["nfe"] == planned_steps(prompt, sampler), (name, report["nfe"])
-
-
-def test_an_example_picture_outside_the_list_is_refused_when_queued(fresh):
-    # The instruction-editing group alone (with the other group, ComfyUI would queue that one and drop this).
-    prompt = {i: n for i, n in api("zimage-edit").items() if n["_meta"]["title"].startswith("Edit: ")}
-    (node,) = [n for n in prompt.values() if n["class_type"] == "ZImageExampleImage"]
-    node["inputs"]["image"] = "../README.md"
-    status, body = fresh.client().post_json("/prompt", {"prompt": prompt})
-    assert status == 400, body
-    assert "zimage-edit-example.png" in json.dumps(body) and "Load Image" in json.dumps(body)
-
-
-def test_the_template_route_lists_every_workflow_and_serves_it(fresh):
-    """The template browser reads /workflow_templates (package folder -> workflow names) and fetches each one and
-    its thumbnail under /api/workflow_templates/<package>/."""
-    client = fresh.client()
-    package = REPO_ROOT.name if REPO_ROOT.parent.name == "custom_nodes" else "comfyui-zimage"
-    listed = client.get_json("/workflow_templates")
-    assert sorted(listed[package]) == NAMES  # the API twins in workflows/api/ are not templates
-    for name in NAMES:
-        served = json.loads(client.get_bytes(f"/api/workflow_templates/{package}/{name}.json"))
-        assert served == ui(name)
-        assert client.get_bytes(f"/api/workflow_templates/{package}/{name}.jpg")[:3] == b"\xff\xd8\xff"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from conftest import REPO_ROOT
 from PIL import Image
+from zimage_testing.helpers import REPO_ROOT
 
 NANO = {"model": "diffusion_models/nano_zimage_turbo.safetensors", "text_encoder": "nano_qwen3.safetensors",
         "vae": "nano_ae.safetensors", "weight_dtype": "default", "compute_dtype": "default"}

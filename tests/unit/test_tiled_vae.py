@@ -12,9 +12,9 @@ import pytest
 import torch
 from comfyui_zimage.nodes import model_guard, tiled_vae
 from comfyui_zimage.nodes.tiled_vae import TiledVAEError, tiled_decode, tiled_encode
-from conftest import REPO_ROOT
+from zimage_testing.checkpoints import TINY_VAE, tiny_vae
+from zimage_testing.helpers import REPO_ROOT
 
-from devtools.checkpoint_fixtures import TINY_VAE, tiny_vae
 from nano import scenes
 
 # The layouts the node promises: Z-Image/Flux (16 ch, ch_mult 1-2-4-4), the nano VAE's, and SD's 4-channel one

@@ -9,16 +9,15 @@ import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from zimage_testing.helpers import REPO_ROOT
 
 from nano import detector
 from zimage_client.submit import apply_options, of_type
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO_ROOT / "workflows" / "api"
 pytestmark = pytest.mark.skipif(not (REPO_ROOT / "models" / "diffusion_models").is_dir(),
                                 reason="the trained nano family is not in models/")

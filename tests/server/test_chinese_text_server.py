@@ -5,8 +5,8 @@ import io
 import json
 
 import numpy as np
-from conftest import REPO_ROOT
 from PIL import Image
+from zimage_testing.helpers import REPO_ROOT
 
 from nano import detector
 

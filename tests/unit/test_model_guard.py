@@ -5,8 +5,7 @@ import pytest
 import torch
 from comfyui_zimage.nodes import loader, model_guard
 from comfyui_zimage.nodes.checkpoint_format import read_header
-
-from devtools.checkpoint_fixtures import TINY_DIT, save, tiny_dit
+from zimage_testing.checkpoints import TINY_DIT, save, tiny_dit
 
 
 def load(path):

@@ -11,7 +11,7 @@ import torch
 from comfy.model_patcher import ModelPatcher
 from comfyui_zimage.nodes import loader
 from comfyui_zimage.nodes.checkpoint_format import infer_vae_config, read_header
-from conftest import REPO_ROOT
+from zimage_testing.helpers import REPO_ROOT
 
 model_patch_nodes = pytest.importorskip("comfy_extras.nodes_model_patch",
                                         reason="this ComfyUI has no Z-Image ControlNet (ZImageFunControlnet)")

@@ -1,6 +1,6 @@
 """Every weight format the loader reads computes what the bf16 file computes, on whichever ComfyUI runs the tests.
 
-In-process on the CPU: each tiny fixture (devtools/checkpoint_fixtures.py, the same random weights stored in bf16,
+In-process on the CPU: each tiny fixture (tests/zimage_testing/checkpoints.py, the same random weights stored in bf16,
 fp16, fp32, plain fp8, old scaled fp8 and newer ComfyUI's mixed-precision `comfy_quant` layout) goes through the
 plugin's own loader functions; the diffusion model runs one forward pass and the text encoder encodes a prompt, on
 fixed inputs, and the output must stay within 10 % (relative L2 error) of the bf16 file's. fp8 keeps 3 mantissa
@@ -17,8 +17,7 @@ import pytest
 import torch
 from comfyui_zimage.nodes import loader
 from comfyui_zimage.nodes.checkpoint_format import infer_qwen3_config, read_header
-
-from devtools.checkpoint_fixtures import TINY_DIT, comfy_quant, mixed_precision_fp8, save, scaled_fp8, tiny_dit
+from zimage_testing.checkpoints import TINY_DIT, comfy_quant, mixed_precision_fp8, save, scaled_fp8, tiny_dit
 
 TOLERANCE = 0.1
 PROMPT = "a red circle on a blue background, 一只猫"

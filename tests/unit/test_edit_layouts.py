@@ -1,9 +1,6 @@
 """The two edit layouts: nano-edit's (ours, on every ComfyUI) and Z-Image Omni's (core's NextDiT, where core has it)."""
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
 import torch
 from comfy.ldm.lumina.model import NextDiT
@@ -11,8 +8,7 @@ from comfyui_zimage.nodes import loader
 from comfyui_zimage.nodes.checkpoint_format import Parts, ZImageFileError, plan_load, read_header
 from comfyui_zimage.nodes.compat import nextdit_takes_reference_latents
 from comfyui_zimage.nodes.edit import NextDiTWithReference, ZImageEditModel
-from conftest import REPO_ROOT, sampling_graph
-from PIL import Image
+from zimage_testing.helpers import REPO_ROOT
 
 OMNI = "diffusion_models/tiny-zimage-omni_bf16.safetensors"
 CORE_OMNI = nextdit_takes_reference_latents()
@@ -58,33 +54,8 @@ def test_omni_layout_is_refused_with_a_clear_message_where_core_cannot_run_it(mo
         plan_load(Parts(part, te, vae, OMNI), dit_config, part.shapes, vae.shapes, core_runs_omni=CORE_OMNI)
 
 
-def omni_graph(with_reference: bool) -> dict:
-    graph = sampling_graph(OMNI, text_encoder="tiny-qwen3_bf16.safetensors", vae="tiny-ae.safetensors", seed=3,
-                           prefix="omni")
-    if with_reference:
-        graph["9"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-        graph["10"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["3", 0], "latent": ["9", 0]}}
-        graph["6"]["inputs"]["positive"] = ["10", 0]
-    return graph
-
-
-def test_omni_file_samples_with_a_reference_in_a_graph_or_says_to_update(client):
-    results = [client.run(omni_graph(ref), timeout=300) for ref in (False, True)]
-    if not CORE_OMNI:
-        for result in results:
-            assert result.status == "error" and "Update ComfyUI" in result.error["exception_message"]
-        assert client.run(sampling_graph("diffusion_models/tiny-zimage-turbo_bf16.safetensors"), timeout=300).status == "success"
-        return
-    images = []
-    for result in results:
-        assert result.status == "success", result.error
-        (image,) = result.images()
-        images.append(np.asarray(Image.open(io.BytesIO(client.view(image))).convert("RGB"), dtype=np.float32))
-    assert np.abs(images[0] - images[1]).mean() > 0.5, "the reference latent did not reach core's Omni model"
-
-
 def test_a_tensor_the_model_has_no_place_for_stops_the_load(tmp_path):
-    from devtools.checkpoint_fixtures import save, tiny_dit
+    from zimage_testing.checkpoints import save, tiny_dit
 
     path = save(tmp_path / "tiny-zimage-future.safetensors", {**tiny_dit(), "future_embedder.weight": torch.zeros(4, 4)})
     part, dit_config = load_dit(path)

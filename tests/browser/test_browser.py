@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, WORKFLOW_MENU
+from zimage_testing.helpers import REPO_ROOT, WORKFLOW_MENU
 
 BROWSER_DIR = REPO_ROOT / "tests" / "browser"
 ARTEFACTS = REPO_ROOT / "test-artifacts" / "browser"

@@ -1,36 +1,31 @@
 """install.py's decisions, in-process: where it installs, what it installs, and that a re-run does nothing."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from zimage_testing.helpers import REPO_ROOT
 
 
-@pytest.fixture()
-def install():
-    spec = importlib.util.spec_from_file_location("zimage_install", REPO_ROOT / "install.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def test_one_rule_finds_comfyui_for_install_and_client(install, tmp_path, monkeypatch):
+    from zimage_client.runtime import comfyui_dir, existing_comfyui
 
-
-def test_existing_comfyui_is_found_from_custom_nodes_or_env(install, tmp_path, monkeypatch):
+    assert install.existing_comfyui is existing_comfyui
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delenv("ZIMAGE_COMFYUI_DIR", raising=False)
     comfy = tmp_path / "ComfyUI"
     plugin = comfy / "custom_nodes" / "comfyui-zimage"
     plugin.mkdir(parents=True)
     (comfy / "main.py").write_text("")
-    monkeypatch.setattr(install, "ROOT", plugin)
-    assert install.existing_comfyui() == comfy
-    monkeypatch.setattr(install, "ROOT", tmp_path / "elsewhere" / "comfyui-zimage")
-    assert install.existing_comfyui() is None
+    assert existing_comfyui(plugin) == comfy == comfyui_dir(plugin)
+    bare = tmp_path / "elsewhere" / "comfyui-zimage"
+    assert existing_comfyui(bare) is None
+    assert comfyui_dir(bare) == bare / ".comfyui"  # the runtime install.py provisions
     monkeypatch.setenv("COMFYUI_PATH", str(comfy))
-    assert install.existing_comfyui() == comfy
+    assert existing_comfyui(bare) == comfy == comfyui_dir(bare)
+    monkeypatch.setenv("ZIMAGE_COMFYUI_DIR", str(tmp_path / "provisioned"))  # install.py's choice for its children
+    assert comfyui_dir(bare) == tmp_path / "provisioned" and existing_comfyui(bare) == comfy
 
 
 def test_inside_comfyui_only_the_plugin_requirements_are_installed(install, tmp_path, monkeypatch):
@@ -134,3 +129,38 @@ def test_comfyui_option_is_taken_out_of_the_pytest_arguments(install):
     assert install.take_comfyui_option(["-k", "loader", "--comfyui", "x.tar.gz"]) == ("x.tar.gz", ["-k", "loader"])
     assert install.take_comfyui_option(["--comfyui=dir", "-x"]) == ("dir", ["-x"])
     assert install.take_comfyui_option(["-x"]) == (None, ["-x"])
+
+
+def test_fast_runs_only_the_tests_not_marked_live_and_installs_no_browser(install, monkeypatch):
+    runs, browser = [], []
+    monkeypatch.setattr(install, "ensure_browser_tools", lambda: browser.append(True))
+    monkeypatch.setattr(install, "run_in_runtime", lambda module, argv, source=None: runs.append((module, argv)) or 0)
+    assert install.main(["test", "--fast", "-k", "loader"]) == 0
+    assert runs == [("ruff", ["check", "."]), ("pytest", ["-m", "not live", "-k", "loader"])] and not browser
+    runs.clear()
+    assert install.main(["test"]) == 0
+    assert runs[-1] == ("pytest", ["tests"]) and browser == [True]
+
+
+def test_every_test_has_its_kind_and_the_fast_set_is_in_process():
+    """Each folder's tests carry its marker; what `--fast` selects starts no server, browser, training or install."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not live", "tests"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300).stdout
+    fast = [line for line in out.splitlines() if "::" in line]
+    assert fast and all(line.startswith(("tests/unit/", "tests/client/")) for line in fast), fast[:5]
+    assert not any("_server.py" in line or "test_submit_interrupt" in line or "test_quick_training" in line
+                   or "test_install_into_an_existing" in line for line in fast)
+    marked = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "server or browser", "tests"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300).stdout
+    assert {line.split("/")[1] for line in marked.splitlines() if "::" in line} == {"server", "browser"}
+
+
+def test_the_harness_and_the_client_tests_never_import_comfyui_or_torch():
+    """tests/client runs where ComfyUI's Python packages are absent: its conftest, the shared one and the helpers
+    import neither ComfyUI nor torch (the fixture checkpoints are written by a subprocess)."""
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']; "
+            "import tests.conftest, tests.client.conftest, zimage_testing.helpers; "
+            "import zimage_client.submit, zimage_client.server, zimage_client.download; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'comfy', 'comfy_api', 'folder_paths',"
+            " 'comfyui_zimage', 'nodes')); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code, str(REPO_ROOT)], check=True, cwd=REPO_ROOT.parent)

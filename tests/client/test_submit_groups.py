@@ -7,7 +7,7 @@ import io
 import json
 
 import pytest
-from conftest import REPO_ROOT
+from zimage_testing.helpers import REPO_ROOT
 
 from zimage_client import submit
 

@@ -1,5 +1,5 @@
 """Z-Image Example Image, in-process: the package's example pictures as core's Load Image gives them, read-only;
-nothing but those pictures. (The bundled workflows that use it run without an upload: tests/test_workflows.py.)"""
+nothing but those pictures. (The bundled workflows that use it run without an upload: tests/unit/test_workflows.py.)"""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import nodes as core_nodes  # ComfyUI's nodes.py (its folder is first on sys.pat
 import pytest
 import torch
 from comfyui_zimage.nodes.example_images import EXAMPLES_DIR, ExampleImageError, ZImageExampleImage
-from conftest import REPO_ROOT
+from zimage_testing.helpers import REPO_ROOT
 
 EXAMPLES = ["zimage-edit-example.png", "zimage-inpaint-example.png"]
 

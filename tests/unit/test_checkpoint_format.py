@@ -82,7 +82,7 @@ def test_loader_builds_exactly_the_real_keys_on_meta(turbo_6b_shapes):
 
 
 def test_diffusers_layout_of_the_real_model_converts_back(turbo_6b_shapes):
-    from devtools.checkpoint_fixtures import dit_to_diffusers
+    from zimage_testing.checkpoints import dit_to_diffusers
 
     meta = {k: torch.empty(s, device="meta") for k, s in turbo_6b_shapes.items()}
     diffusers = dit_to_diffusers(meta)
@@ -183,7 +183,7 @@ def test_block_counts_come_only_from_blocks_that_are_there(turbo_6b_shapes, what
     """One stray key `layers.99999999.…`, or a run of empty blocks, must not size a model of 10^8 layers."""
     import time
 
-    from devtools.checkpoint_fixtures import tiny_qwen3, tiny_vae
+    from zimage_testing.checkpoints import tiny_qwen3, tiny_vae
 
     te = {k: tuple(v.shape) for k, v in tiny_qwen3().items()}
     vae = {k: tuple(v.shape) for k, v in tiny_vae().items()}

@@ -2,19 +2,18 @@
 
 The modules are ComfyUI's own classes (NextDiT with Z-Image modulation, its Llama/Qwen3 code, the
 ldm AutoencoderKL encoder/decoder) at tiny sizes, so the key names are exactly those of the real files;
-diffusers folders are written with diffusers' key names. Also writes the broken files the error tests use.
+diffusers folders are written with diffusers' key names. (The hostile files are in bad_inputs.py.)
 
-    python -m devtools.checkpoint_fixtures OUT_DIR      (OUT_DIR gets diffusion_models/, text_encoders/, ...)
+    PYTHONPATH=tests python -m zimage_testing OUT_DIR    (OUT_DIR gets diffusion_models/, text_encoders/, ...)
 """
 from __future__ import annotations
 
 import inspect
 import json
 import re
-import sys
 from pathlib import Path
 
-from zimage_client.runtime import import_comfy
+from devtools.comfy_runtime import import_comfy
 
 import_comfy(cpu=True)
 
@@ -293,9 +292,3 @@ def write_all(out: Path) -> dict[str, str]:
     pickled.write_bytes(b"not loaded: pickle files are refused")
     files["ckpt"] = pickled
     return {k: str(v) for k, v in files.items()}
-
-
-if __name__ == "__main__":
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "fixtures-models")
-    for label, path in write_all(target).items():
-        print(f"{label:16s} {path}")

@@ -8,9 +8,9 @@ import importlib.util
 import sys
 
 import pytest
-from conftest import REPO_ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from zimage_testing.helpers import REPO_ROOT
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11 on; the runtimes' interpreters have it
 
@@ -54,7 +54,7 @@ def module_level_imports(path) -> set[str]:
     return names
 
 
-def test_requirements_txt_covers_every_third_party_import_of_the_client(monkeypatch):
+def test_requirements_txt_covers_every_third_party_import_of_the_client(install):
     """So an install into an existing ComfyUI (requirements.txt only) gives a client that starts."""
     imported = set().union(*(module_level_imports(p) for p in (REPO_ROOT / "zimage_client").glob("*.py")))
     third_party = imported - set(sys.stdlib_module_names) - {"__future__", "zimage_client"}
@@ -64,8 +64,4 @@ def test_requirements_txt_covers_every_third_party_import_of_the_client(monkeypa
         assert {canonicalize_name(d) for d in distributions.get(module, [])} & required, \
             f"zimage_client imports {module}, which requirements.txt does not install"
 
-    spec = importlib.util.spec_from_file_location("zimage_install_reqs", REPO_ROOT / "install.py")
-    install = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, install)  # dataclasses look their module up there
-    spec.loader.exec_module(install)
     assert set(install.CLIENT_IMPORTS) == third_party  # what install.py checks before `run` inside a ComfyUI

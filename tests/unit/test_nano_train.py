@@ -19,8 +19,8 @@ from comfyui_zimage.nodes.checkpoint_format import (
     read_header,
 )
 from safetensors.torch import load_file
+from zimage_testing.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = REPO_ROOT / "models"
 
 
@@ -46,6 +46,7 @@ def train(out: Path, work: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.live  # a training run in another process (about a minute)
 def test_quick_training_writes_a_loadable_family_and_resumes(tmp_path):
     out, work = tmp_path / "models", tmp_path / "work"
     log = train(out, work)

@@ -6,7 +6,7 @@ Every case must end, within its time bound, in either
 - a correct result, checked for what makes it correct;
 and a good prompt must succeed right after it. The long cases must stop within a few seconds of /interrupt.
 Each outcome is written to test-artifacts/bad-inputs-<ComfyUI version>.json, the source of the table in
-docs/bad-inputs.md. The hostile files come from devtools/bad_inputs.py.
+docs/bad-inputs.md. The hostile files come from tests/zimage_testing/bad_inputs.py.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, sampling_graph, unpickled_canary
 from PIL import Image
+from zimage_testing.helpers import REPO_ROOT, sampling_graph, unpickled_canary
 
 from zimage_client.comfy_api import PromptRejected
 
