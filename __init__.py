@@ -28,9 +28,7 @@ async def comfy_entrypoint():
 
     class ZImageExtension(ComfyExtension):
         async def get_node_list(self):
-            return [loader.ZImageCheckpointLoader, tiled_vae.ZImageTiledVAEDecode, tiled_vae.ZImageTiledVAEEncode,
-                    entropy_attention.ZImageEntropyPrunedAttention, entropy_attention.ZImagePruningReport,
-                    kgen_probe.ZImageKGenProbe, kgen_probe.ZImageKGenReport, chinese_text.ZImageChineseTextEncode,
-                    example_images.ZImageExampleImage]
+            return [*loader.NODES, *tiled_vae.NODES, *entropy_attention.NODES, *kgen_probe.NODES,
+                    *chinese_text.NODES, *example_images.NODES]
 
     return ZImageExtension()

@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ZImageError
+
 # Prefixes under which an all-in-one checkpoint stores each part (ComfyUI's own save layout first).
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 TEXT_ENCODER_PREFIXES = ("text_encoders.qwen3_4b.transformer.", "text_encoders.qwen3_4b.", "text_encoder.",
@@ -37,7 +39,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-class ZImageFileError(ValueError):
+class ZImageFileError(ZImageError):
     """A file that cannot be used, with a message that names it, says what is wrong and how to fix it."""
 
 

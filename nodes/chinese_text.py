@@ -348,3 +348,6 @@ def add_routes(routes) -> None:
         except Exception as e:  # still an answer, in JSON
             log.exception("Z-Image token count failed")
             return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=500)
+
+
+NODES = [ZImageChineseTextEncode]  # what this module adds to ComfyUI

@@ -32,6 +32,8 @@ from comfy.ldm.flux.math import apply_rope
 from comfy.ldm.lumina.model import JointAttention, NextDiT
 from comfy_api.latest import io
 
+from .shared import ZImageError
+
 log = logging.getLogger("comfyui-zimage")
 
 WRAPPER_KEY = "zimage_entropy_pruning"
@@ -44,7 +46,7 @@ DEFAULT_BACKEND = "comfy default"
 ENTROPY_CHUNK_ELEMENTS = 1 << 25  # logits held at once while measuring entropy (128 MiB in fp32)
 
 
-class PruningError(ValueError):
+class PruningError(ZImageError):
     """A model or option the patch cannot use, with a message that says what is wrong and how to fix it."""
 
 
@@ -528,3 +530,6 @@ class PruneState:
                        for layer in layers],
             "warnings": list(self.warnings),
         }
+
+
+NODES = [ZImageEntropyPrunedAttention, ZImagePruningReport]  # what this module adds to ComfyUI

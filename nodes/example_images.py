@@ -17,10 +17,12 @@ import torch
 from comfy_api.latest import io
 from PIL import Image, ImageOps, ImageSequence
 
+from .shared import ZImageError
+
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "workflows"
 
 
-class ExampleImageError(ValueError):
+class ExampleImageError(ZImageError):
     """A name that is not one of the package's example pictures."""
 
 
@@ -115,3 +117,6 @@ class ZImageExampleImage(io.ComfyNode):
     def execute(cls, image) -> io.NodeOutput:
         pixels, mask = load_like_load_image(example_path(image))
         return io.NodeOutput(pixels, mask)
+
+
+NODES = [ZImageExampleImage]  # what this module adds to ComfyUI

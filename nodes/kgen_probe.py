@@ -581,3 +581,5 @@ def plot(report: dict) -> torch.Tensor:
     rgba = np.asarray(fig.canvas.buffer_rgba())
     return torch.from_numpy(rgba[..., :3].astype(np.float32) / 255.0)[None]
 
+
+NODES = [ZImageKGenProbe, ZImageKGenReport]  # what this module adds to ComfyUI

@@ -612,3 +612,6 @@ def load_vae(part: Part, ddconfig: dict, pbar):
     vae.latent_channels = z
     guard_vae(vae.first_stage_model)
     return vae
+
+
+NODES = [ZImageCheckpointLoader]  # what this module adds to ComfyUI

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint_format import ZImageFileError
+from .shared import ZImageError
 
 log = logging.getLogger("comfyui-zimage")
 
@@ -39,11 +40,11 @@ USUAL_CAUSES = ("Usual causes: fp16 compute on a model that needs bf16 or fp32 (
                 "the file, or a NaN/infinite cfg, shift or prompt weight.")
 
 
-class NonFiniteOutput(RuntimeError):
+class NonFiniteOutput(ZImageError, RuntimeError):
     """A model computed NaN or infinity: the image would come out black."""
 
 
-class TooLargeForMemory(RuntimeError):
+class TooLargeForMemory(ZImageError, RuntimeError):
     """The work would need more RAM than the process has: on the CPU the kernel would kill the whole server."""
 
 

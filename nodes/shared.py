@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from .errors import ZImageError
+
+__all__ = ["PromptStats", "ZImageError"]
+
 PromptStats = io.Custom("ZIMAGE_PROMPT_STATS")  # made by the Chinese text encode node, read by the k_gen report
 
-
-class ZImageError(ValueError):
-    """An input or option a Z-Image node cannot use, with what to do about it. A ValueError, as before: callers that
-    catch ValueError (the token-count route) still do."""

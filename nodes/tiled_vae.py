@@ -32,6 +32,7 @@ from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder, ResnetBlo
 from comfy_api.latest import io
 
 from .model_guard import host_free_memory
+from .shared import ZImageError
 
 log = logging.getLogger("comfyui-zimage")
 
@@ -47,7 +48,7 @@ ATTENTION_CHUNK_ELEMENTS = 1 << 26  # attention logits held at once by the whole
 ATTENTION_CHUNK_ELEMENTS_CUDA = 1 << 31
 
 
-class TiledVAEError(ValueError):
+class TiledVAEError(ZImageError):
     """Input the tiled VAE cannot use, with a message that says what is wrong and how to fix it."""
 
 
@@ -713,3 +714,6 @@ def encode_exact(model: AutoencodingEngineLegacy, pixels: Field, budget: Budget)
     z = model.quant_conv(h)
     z, _ = model.regularization(z)
     return z
+
+
+NODES = [ZImageTiledVAEDecode, ZImageTiledVAEEncode]  # what this module adds to ComfyUI
