@@ -145,7 +145,8 @@ class ZImageKGenReport(io.ComfyNode):
         report["c_text_source"] = c_text_source
         report = finite_figures(report)
         if save_history and report.get("k_gen") is not None:
-            report["history"] = update_history(history_file, report)
+            report["history"], notes = update_history(history_file, report)
+            report["messages"] = report.get("messages", []) + notes
         image = plot(report)
         shown = save_report(filename_prefix, report, image)
         text = json.dumps(report, ensure_ascii=False, allow_nan=False)
@@ -172,9 +173,27 @@ class Evaluation:
     peak_bytes: int | None
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished (or stopped) sampling run in plain numbers: what the report reads."""
+    device: torch.device
+    latent_shape: tuple
+    planned_steps: int
+    spatial_ratio: int
+    completed: bool
+    error: str | None
+    times: tuple[float, ...]  # seconds from the first evaluation's start to each evaluation's end
+    sigmas: tuple[float, ...]
+    x0: torch.Tensor | None  # pooled x0 predictions (NFE, B, C, h, w) on the CPU
+    peak_bytes: int | None
+    telemetry: dict  # telemetry_summary's figures
+    telemetry_unavailable: str | None  # why there is no telemetry
+
+
 @dataclass
-class Run:
-    """One sampling run as the probe saw it; `finish` turns it into plain numbers."""
+class Recording:
+    """A sampling run while it runs: the wrappers append to it; `finish` reads the device once and returns the
+    frozen RunRecord."""
     device: torch.device
     latent_shape: tuple
     planned_steps: int
@@ -183,35 +202,30 @@ class Run:
     evaluations: list[Evaluation] = field(default_factory=list)
     telemetry: Telemetry | None = None
     telemetry_unavailable: str | None = None  # why there is no telemetry
-    completed: bool = False
-    error: str | None = None
-    # filled by finish()
-    times: list[float] = field(default_factory=list)
-    sigmas: list[float] = field(default_factory=list)
-    x0: torch.Tensor | None = None
-    peak_bytes: int | None = None
 
-    def finish(self, completed: bool, error: str | None = None) -> None:
-        self.completed, self.error = completed, error
+    def finish(self, completed: bool, error: str | None = None) -> RunRecord:
         if self.telemetry is not None:
             self.telemetry.stop()
-        if not self.evaluations:
-            self.times = []
-        elif self.device.type == "cuda":
+        evaluations, times = self.evaluations, []
+        if evaluations and self.device.type == "cuda":
             try:
                 torch.cuda.synchronize(self.device)
-                self.times = [self.start_stamp.elapsed_time(e.stamp) / 1000.0 for e in self.evaluations]
+                times = [self.start_stamp.elapsed_time(e.stamp) / 1000.0 for e in evaluations]
             except RuntimeError as e:  # a failed device: keep the run's own error, drop the times
                 log.warning("k_gen probe: could not read CUDA times: %s", e)
-                self.evaluations.clear()
-                self.times = []
-        else:
-            self.times = [e.stamp - self.start_stamp for e in self.evaluations]
-        self.sigmas = [float(e.sigma.flatten()[0]) for e in self.evaluations]
-        self.x0 = torch.stack([e.x0.float().cpu() for e in self.evaluations]) if self.evaluations else None
-        peaks = [e.peak_bytes for e in self.evaluations if e.peak_bytes is not None]
-        self.peak_bytes = max(peaks) if peaks else None
-        self.evaluations.clear()  # the device tensors and events have been read
+                evaluations = []
+        elif evaluations:
+            times = [e.stamp - self.start_stamp for e in evaluations]
+        peaks = [e.peak_bytes for e in evaluations if e.peak_bytes is not None]
+        record = RunRecord(
+            device=self.device, latent_shape=self.latent_shape, planned_steps=self.planned_steps,
+            spatial_ratio=self.spatial_ratio, completed=completed, error=error, times=tuple(times),
+            sigmas=tuple(float(e.sigma.flatten()[0]) for e in evaluations),
+            x0=torch.stack([e.x0.float().cpu() for e in evaluations]) if evaluations else None,
+            peak_bytes=max(peaks) if peaks else None, telemetry=telemetry_summary(self.telemetry),
+            telemetry_unavailable=self.telemetry_unavailable)
+        self.evaluations = []  # the device tensors and events have been read
+        return record
 
 
 class Probe:
@@ -219,7 +233,8 @@ class Probe:
 
     def __init__(self, label: str, x0_size: int = 32):
         self.label, self.x0_size = label, x0_size
-        self.run: Run | None = None
+        self.recording: Recording | None = None  # the run under way
+        self.run: RunRecord | None = None  # the last run, once it ended
         self.latent_format = None  # the sampled model's, to put x0 predictions in the LATENT's scaling
 
     def outer_sample_wrapper(self, executor, *args, **kwargs):
@@ -231,29 +246,30 @@ class Probe:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # Δt starts at the first evaluation, not here: sampling first loads the model and prepares the conds
-        run = Run(device=device, latent_shape=tuple(noise.shape), planned_steps=max(0, len(sigmas) - 1),
+        recording = Recording(device=device, latent_shape=tuple(noise.shape), planned_steps=max(0, len(sigmas) - 1),
                   spatial_ratio=getattr(self.latent_format, "spacial_downscale_ratio", 8),
                   start_stamp=None, telemetry=telemetry, telemetry_unavailable=why_not)
-        self.run = run
+        self.recording = recording
         try:
             out = executor(*args, **kwargs)
         except BaseException as e:  # interrupted or failed: keep what was recorded, say why
-            run.finish(False, f"{type(e).__name__}: {e}".strip(": "))
+            self.run = recording.finish(False, f"{type(e).__name__}: {e}".strip(": "))
             raise
-        run.finish(True)
+        finally:
+            self.recording = None
+        self.run = recording.finish(True)
         return out
 
     def predict_noise_wrapper(self, executor, x, timestep, model_options, seed):
-        run = self.run
-        recording = run is not None and not run.completed and run.error is None
-        if recording and run.start_stamp is None:
-            run.start_stamp = stamp(run.device)
+        recording = self.recording
+        if recording is not None and recording.start_stamp is None:
+            recording.start_stamp = stamp(recording.device)
         out = executor(x, timestep, model_options, seed)
-        if recording:
-            run.evaluations.append(self.evaluation(run, timestep, out))
+        if recording is not None:
+            recording.evaluations.append(self.evaluation(recording, timestep, out))
         return out
 
-    def evaluation(self, run: Run, timestep, out) -> Evaluation:
+    def evaluation(self, recording: Recording, timestep, out) -> Evaluation:
         x0 = out.detach()
         video = x0.ndim == 5
         if video:  # video-shaped latents (B, C, T, H, W): keep the first frame
@@ -265,8 +281,8 @@ class Probe:
         if self.latent_format is not None:  # into the LATENT's scaling: a per-channel affine map, so after pooling
             x0 = self.latent_format.process_out(x0[:, :, None] if video else x0)
             x0 = x0[:, :, 0] if video else x0
-        peak = torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None
-        return Evaluation(sigma=timestep.detach().flatten()[:1].clone(), x0=x0.clone(), stamp=stamp(run.device),
+        peak = torch.cuda.max_memory_allocated(recording.device) if recording.device.type == "cuda" else None
+        return Evaluation(sigma=timestep.detach().flatten()[:1].clone(), x0=x0.clone(), stamp=stamp(recording.device),
                           peak_bytes=peak)
 
 
@@ -368,7 +384,7 @@ def make_report(probe: Probe, final_latent: torch.Tensor, c_text: float, thresho
                   peak_memory_bytes=run.peak_bytes)
     if run.peak_bytes is None:
         messages.append("Peak memory is measured on CUDA only.")
-    report.update(telemetry_summary(run))
+    report.update(run.telemetry)
     if report.get("temperature_c") is None:
         report["telemetry_unavailable"] = run.telemetry_unavailable or "NVML gave no readings"
         messages.append("No GPU temperature: " + report["telemetry_unavailable"] + " (no Arrhenius fit).")
@@ -406,8 +422,7 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def telemetry_summary(run: Run) -> dict:
-    t = run.telemetry
+def telemetry_summary(t: Telemetry | None) -> dict:
     if t is None or not t.samples:
         return {"temperature_c": None}
     temps, clocks, power = (np.array([s[i] for s in t.samples]) for i in (1, 2, 3))
@@ -466,15 +481,15 @@ def read_history(path: Path) -> tuple[list[dict], str | None]:
     return entries, problem
 
 
-def update_history(name: str, report: dict) -> dict:
+def update_history(name: str, report: dict) -> tuple[dict, list[str]]:
+    """Append the report's run to the history file and fit Arrhenius over it. Returns the report's "history" entry
+    and the messages for its reader (the report itself is left as it is)."""
     try:
         path = history_path(name)
     except KGenError as e:
-        report["messages"].append(str(e))
-        return {"saved": False, "error": str(e)}
+        return {"saved": False, "error": str(e)}, [str(e)]
     entries, problem = read_history(path)
-    if problem:
-        report["messages"].append(problem)
+    messages = [problem] if problem else []
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "label": report["label"], "device": report["device"],
              "resolution": report["resolution"], "batch": report["batch"], "nfe": report["nfe"],
              "seconds": report["seconds"], "k_gen": report["k_gen"], "temperature_c": report.get("temperature_c"),
@@ -486,10 +501,11 @@ def update_history(name: str, report: dict) -> dict:
     points = arrhenius_points(entries, entry)
     fit = arrhenius(points)
     if fit.get("error"):
-        report["messages"].append(fit["error"])
-    return {"saved": True, "file": str(path.relative_to(Path(folder_paths.get_user_directory()).resolve())),
-            "runs": len(entries), "runs_same_key": len([e for e in entries if history_key(e) == history_key(entry)]),
-            "arrhenius": fit, "arrhenius_points": points}
+        messages.append(fit["error"])
+    history = {"saved": True, "file": str(path.relative_to(Path(folder_paths.get_user_directory()).resolve())),
+               "runs": len(entries), "runs_same_key": len([e for e in entries if history_key(e) == history_key(entry)]),
+               "arrhenius": fit, "arrhenius_points": points}
+    return history, messages
 
 
 def save_report(prefix: str, report: dict, image: torch.Tensor) -> dict:

@@ -2,6 +2,7 @@
 the plot."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -164,6 +165,10 @@ def test_probe_does_not_change_the_result_and_counts_one_nfe_per_guided_evaluati
     image, r = report(record, out)
     assert r["nfe"] == 6 and r["planned_steps"] == 6 and r["completed"]
     assert r["label"] == "z-image-base" and r["batch"] == 2 and r["resolution"] == "128x128"
+    # The run ends in a frozen record the report only reads, and nothing stays recording.
+    assert isinstance(record.run, kg.RunRecord) and record.recording is None and len(record.run.times) == 6
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.run.completed = False
     assert r["k_gen"] == pytest.approx(r["nfe"] / r["seconds"], rel=1e-3)
     assert r["times_s"] == sorted(r["times_s"]) and r["times_s"][0] > 0
     assert r["sigmas"][0] > r["sigmas"][-1]
@@ -257,7 +262,7 @@ def test_history_appends_and_fits_arrhenius_over_three_temperatures(dirs):
     t = 70.0
     report = {"label": "z-image-turbo", "device": "gpu", "resolution": "1024x1024", "batch": 1, "nfe": 8,
               "seconds": 1.0, "k_gen": math.exp(9.8 - 1200 / (t + 273.15)), "temperature_c": t, "messages": []}
-    result = kg.update_history(kg.DEFAULT_HISTORY, report)
+    result, _ = kg.update_history(kg.DEFAULT_HISTORY, report)
     assert result["saved"] and result["runs"] == 6 and result["runs_same_key"] == 4
     assert result["arrhenius"]["n"] == 3
     assert result["arrhenius"]["ea_over_r_k"] == pytest.approx(1200, rel=1e-6)
@@ -274,19 +279,19 @@ def test_lines_that_are_not_runs_are_skipped_and_the_file_is_never_moved(dirs):
     history.parent.mkdir(parents=True)
     history.write_text('{"k_gen": 1}\nnot json at all\n[1, 2]\n', encoding="utf-8")
     report = run_report()
-    result = kg.update_history(kg.DEFAULT_HISTORY, report)
+    result, messages = kg.update_history(kg.DEFAULT_HISTORY, report)
     assert result["saved"] and result["runs"] == 2
     assert history.read_text(encoding="utf-8").startswith('{"k_gen": 1}\nnot json at all\n[1, 2]\n')
     assert sorted(p.name for p in history.parent.iterdir()) == ["history.jsonl"]
-    assert any("2 line(s)" in m and "kept as it is" in m for m in report["messages"])
+    assert any("2 line(s)" in m and "kept as it is" in m for m in messages)
+    assert report == run_report()  # the report it was given is left as it was
 
 
 def test_a_label_with_a_line_separator_reads_back_as_one_run(dirs):
     for label in ("a\u2028b", "c\u2029d\x85e", "汉服\u000b"):
         kg.update_history(kg.DEFAULT_HISTORY, run_report(label=label))
-    report = run_report()
-    result = kg.update_history(kg.DEFAULT_HISTORY, report)
-    assert result["saved"] and result["runs"] == 4 and not any("line(s)" in m for m in report["messages"])
+    result, messages = kg.update_history(kg.DEFAULT_HISTORY, run_report())
+    assert result["saved"] and result["runs"] == 4 and not any("line(s)" in m for m in messages)
     entries, problem = kg.read_history(dirs / "user" / "zimage-kgen" / "history.jsonl")
     assert problem is None and [e["label"] for e in entries][:3] == ["a\u2028b", "c\u2029d\x85e", "汉服\u000b"]
 
@@ -296,8 +301,9 @@ def test_a_label_with_a_line_separator_reads_back_as_one_run(dirs):
 def test_history_path_outside_the_user_directory_is_refused(dirs, name):
     report = {"label": "x", "device": "cpu", "resolution": "64x64", "batch": 1, "nfe": 2, "seconds": 0.5, "k_gen": 4.0,
               "messages": []}
-    result = kg.update_history(name, report)
+    result, messages = kg.update_history(name, report)
     assert not result["saved"] and "outside the plugin's folder zimage-kgen/" in result["error"]
+    assert messages == [result["error"]]
     assert not (dirs / "escape.jsonl").exists()
 
 
@@ -309,7 +315,7 @@ def test_history_must_be_a_jsonl_file_so_other_user_files_are_never_moved_aside(
     (dirs / "user" / "zimage-kgen").mkdir()
     report = {"label": "x", "device": "cpu", "resolution": "64x64", "batch": 1, "nfe": 2, "seconds": 0.5, "k_gen": 4.0,
               "messages": []}
-    result = kg.update_history(name, report)
+    result, _ = kg.update_history(name, report)
     assert not result["saved"] and ".jsonl" in result["error"]
     assert settings.read_text(encoding="utf-8") == '{"Comfy.Locale": "zh"}'
 
