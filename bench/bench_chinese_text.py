@@ -1,6 +1,6 @@
 """Chinese text encode benchmark: core CLIPTextEncode and ours on the same texts and encoder, in one process.
 
-    .venv/bin/python bench/bench_chinese_text.py [--quick] [--cpu]
+    .venv/bin/python -m bench.bench_chinese_text [--quick] [--cpu]
 
 Encoder: the shipped nano Qwen3 (through the Z-Image loader). It encodes in about a millisecond, so the node's
 own work (parsing, normalising, statistics) weighs more here than with the 4B encoder, where the same fixed
@@ -11,29 +11,22 @@ nano-turbo's pictures (mean absolute pixel change and the detector's reading). L
 """
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from devtools.comfy_runtime import import_comfy, import_plugin  # noqa: E402
+from bench import common
 
-import_comfy(cpu=True if "--cpu" in sys.argv else None)
-import_plugin()
+common.start_comfy()
 
-import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
-import eval_nano  # noqa: E402
 import nodes  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from comfyui_zimage.nodes import chinese_text as ct  # noqa: E402
 
+from bench import eval_nano  # noqa: E402
 from nano import detector  # noqa: E402
 
 PLAIN = ["蓝色背景上的红色圆形", "一位穿着明制汉服的少女站在江南古镇的石桥上，细雨蒙蒙，水墨风格",
@@ -91,9 +84,8 @@ def weight_effect(model, clip, vae, seeds: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats and seeds")
-    ap.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
+    ap = common.parser(__doc__.splitlines()[0], "fewer repeats and seeds")
+    common.add_cpu_option(ap)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     eval_nano.register_models()
@@ -109,10 +101,9 @@ def main() -> int:
     plain_rows = [r for r in rows if r["texts"] == "plain"]
     figures = {"quick": args.quick, "rows": rows, "weight_effect": effect,
                "time_ratio_vs_core": max(r["time_ratio_vs_core"] for r in plain_rows),
-               "device": torch.cuda.get_device_name() if mm.get_torch_device().type == "cuda" else "cpu",
-               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+               "device": common.device_name(), "machine": common.machine(),
                "seconds": round(time.time() - started, 1)}
-    print(json.dumps(figures, ensure_ascii=False))
+    common.print_figures(figures, ensure_ascii=False)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Entropy-pruned attention benchmark: the unpatched model and the patched one, side by side in one process.
 
-    .venv/bin/python bench/bench_entropy_attention.py [--quick] [--skip-quality] [--skip-speed] [--png F]
+    .venv/bin/python -m bench.bench_entropy_attention [--quick] [--skip-quality] [--skip-speed] [--png F]
 
 Quality: the shipped nano-turbo (8 NFE, cfg 1, res_multistep) on the evaluation's held-out prompts, half
 Chinese, same seeds; for each keep ratio (calibration 2 steps, pruned heads reused): detector accuracy, and
@@ -16,33 +16,28 @@ keeps PSNR at least 30 dB; the last line is the JSON of all figures, with that s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from devtools.comfy_runtime import import_comfy, import_plugin  # noqa: E402
+from bench import common
 
-import_comfy(cpu=True if "--cpu" in sys.argv else None)
-import_plugin()
+common.start_comfy()
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.supported_models  # noqa: E402
-import eval_nano  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from comfy.ldm.lumina.model import JointAttention  # noqa: E402
 from comfyui_zimage.nodes import entropy_attention as ea  # noqa: E402
 
+from bench import eval_nano  # noqa: E402
 from nano import detector, scenes  # noqa: E402
 
 KEEP_RATIOS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.25)
@@ -163,8 +158,7 @@ class Clock:
         self.handles.append(diffusion_model.register_forward_hook(self.post_step))
 
     def now(self) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        common.sync()
         return time.perf_counter()
 
     def pre(self, module, *_):
@@ -193,12 +187,10 @@ def sample_seconds(model, side: int, steps: int, diffusion_model=None) -> dict:
     gen = torch.Generator().manual_seed(1)
     cond = [[torch.randn(1, 32, FULL_SIZE["cap_feat_dim"], generator=gen), {}]]
     clock = Clock(diffusion_model) if diffusion_model is not None else None
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    common.sync()
     start = time.perf_counter()
     comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, seed=0, disable_pbar=True)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    common.sync()
     seconds = time.perf_counter() - start
     if clock is None:
         return {"e2e": seconds}
@@ -313,11 +305,10 @@ def recommend(quality_rows: list[dict]) -> dict | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="10 scenes (20 prompts); the smallest CPU speed setting")
+    ap = common.parser(__doc__.splitlines()[0], "10 scenes (20 prompts); the smallest CPU speed setting")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
-    ap.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
+    common.add_cpu_option(ap)
     ap.add_argument("--sizes", type=int, nargs="+", help="speed: only these of the default sizes")
     ap.add_argument("--keep-ratios", type=float, nargs="+", help="speed: these keep ratios (default: the curve's on a GPU)")
     ap.add_argument("--png", type=Path, help="also draw the curve (keep ratio vs accuracy, PSNR, speedup) here")
@@ -354,13 +345,10 @@ def main() -> int:
         pick = next(r for r in speed_rows if r["size"] == largest and r["keep_ratio"] == chosen)
         figures.update(speed=speed_rows, speed_setup=setup, speedup_e2e=pick["speedup_e2e"],
                        speedup_attention=pick["speedup_attention"], speed_at=f"{largest}², keep {chosen}")
-    device = mm.get_torch_device()
-    figures.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                   machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-                   seconds=round(time.time() - started, 1))
+    figures.update(device=common.device_name(), machine=common.machine(), seconds=round(time.time() - started, 1))
     if args.png:
         plot(args.png, figures)
-    print(json.dumps(figures))
+    common.print_figures(figures)
     return 0
 
 

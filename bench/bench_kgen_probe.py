@@ -1,6 +1,6 @@
 """k_gen probe overhead: sampling with and without the probe, side by side in one process.
 
-    .venv/bin/python bench/bench_kgen_probe.py [--quick] [--cpu]
+    .venv/bin/python -m bench.bench_kgen_probe [--quick] [--cpu]
 
 On the shipped nano-turbo (8 steps, cfg 1, res_multistep, 128², batch 1 and 4): runs with and without the
 probe alternate, and `overhead` is the ratio of their median times minus 1. `noise` is the same figure
@@ -11,42 +11,31 @@ batch 1 and 4) made by the probe and report themselves. The last line is the JSO
 """
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from devtools.comfy_runtime import import_comfy, import_plugin  # noqa: E402
+from bench import common
 
-import_comfy(cpu=True if "--cpu" in sys.argv else None)
-import_plugin()
+common.start_comfy()
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
-import eval_nano  # noqa: E402
 import torch  # noqa: E402
 from comfyui_zimage.nodes import kgen_probe as kg  # noqa: E402
 
+from bench import eval_nano  # noqa: E402
 from nano import scenes  # noqa: E402
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def sample(model, cond, uncond, latent, steps, cfg, sampler="res_multistep"):
     noise = comfy.sample.prepare_noise(latent, 0)
-    sync()
+    common.sync()
     start = time.perf_counter()
     out = comfy.sample.sample(model, noise, steps, cfg, sampler, "simple", cond, uncond, latent, seed=0, disable_pbar=True)
-    sync()
+    common.sync()
     return time.perf_counter() - start, out
 
 
@@ -128,7 +117,7 @@ def report_seconds(model, clip, repeats: int = 5) -> float:
 
 
 def gpu_rows(repeats: int) -> tuple[list[dict], list[dict]]:
-    import bench_entropy_attention as bea  # the full-size model builder
+    from bench import bench_entropy_attention as bea  # the full-size model builder
 
     model = bea.full_size_model(30, 2, torch.bfloat16)
     gen = torch.Generator().manual_seed(1)
@@ -157,9 +146,8 @@ def gpu_rows(repeats: int) -> tuple[list[dict], list[dict]]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
-    ap.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
+    ap = common.parser(__doc__.splitlines()[0], "fewer repeats")
+    common.add_cpu_option(ap)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     eval_nano.register_models()
@@ -177,11 +165,8 @@ def main() -> int:
         figures["full_size"] = "not measured: no GPU (the full-size model needs one for a k_gen table)"
     figures["median_overhead"] = max(r["median_overhead"] for r in rows)
     figures["noise"] = max(r["noise"] for r in rows)
-    device = mm.get_torch_device()
-    figures.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                   machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-                   seconds=round(time.time() - started, 1))
-    print(json.dumps(figures))
+    figures.update(device=common.device_name(), machine=common.machine(), seconds=round(time.time() - started, 1))
+    common.print_figures(figures)
     return 0
 
 

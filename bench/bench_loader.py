@@ -1,6 +1,6 @@
 """Loader benchmark: core UNETLoader + CLIPLoader + VAELoader vs the Z-Image Checkpoint Loader, same files, one process.
 
-    .venv/bin/python bench/bench_loader.py [--quick] [--repeats N]
+    .venv/bin/python -m bench.bench_loader [--quick] [--repeats N]
 
 The files are real-width split files that core can load: a Z-Image DiT at dim 3840 (fewer layers than the
 6B model's 30 so it fits this machine), the full Qwen3-4B text encoder (core builds only that size) and the
@@ -10,21 +10,16 @@ divided by the bytes of the loaded models' tensors. The last line is the JSON of
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import platform
-import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from devtools.comfy_runtime import import_comfy, import_plugin  # noqa: E402
+from bench import common
 
-import_comfy(cpu=True)
-import_plugin()
+common.start_comfy(cpu=True)
 
 import comfy.model_management  # noqa: E402
 import comfy.ops  # noqa: E402
@@ -37,14 +32,6 @@ from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E
 from comfyui_zimage.nodes.loader import ZImageCheckpointLoader  # noqa: E402
 
 DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
-
-
-def rss_kib(field: str = "VmRSS") -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def write_safetensors(path: Path, shapes: dict[str, tuple], dtype: torch.dtype) -> int:
@@ -120,13 +107,13 @@ def touch(*modules) -> None:
 
 def measure(load) -> dict:
     gc.collect()
-    before = rss_kib()
-    reset_peak()
+    before = common.rss_kib()
+    common.reset_peak_rss()
     start = time.perf_counter()
     model, clip, vae = load()
     touch(model.model, clip.cond_stage_model, vae.first_stage_model)  # a lazy load must pay its reads here
     elapsed = time.perf_counter() - start
-    peak = rss_kib("VmHWM")
+    peak = common.rss_kib("VmHWM")
     loaded = tensor_bytes(model.model, clip.cond_stage_model, vae.first_stage_model)
     dtypes = [str(next(m.parameters()).dtype) for m in (model.model.diffusion_model, clip.cond_stage_model,
                                                          vae.first_stage_model)]
@@ -149,8 +136,7 @@ def load_ours():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="1 DiT layer and 1 repeat (a few minutes here)")
+    parser = common.parser(__doc__, "1 DiT layer and 1 repeat (a few minutes here)")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
     # Two refiner layers as in the real model: core's detection assumes that number.
@@ -191,7 +177,7 @@ def main() -> None:
         "core_peak_rss_ratio": round(peak["core"] / best["core"]["loaded_bytes"], 3),
         "peak_rss_ratio": round(peak["ours"] / best["ours"]["loaded_bytes"], 3),
     }
-    print(json.dumps(result))
+    common.print_figures(result)
 
 
 if __name__ == "__main__":

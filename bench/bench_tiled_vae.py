@@ -1,6 +1,6 @@
 """Tiled VAE benchmark: core VAEDecode, core VAEDecodeTiled (512 px, 64 overlap) and ours, side by side in one process.
 
-    .venv/bin/python bench/bench_tiled_vae.py [--quick] [--tile 512]
+    .venv/bin/python -m bench.bench_tiled_vae [--quick] [--tile 512]
 
 Two VAEs: the shipped, trained nano VAE (decoding latents of real pictures of its domain, encoded by it) and
 the full-size Flux/Z-Image VAE architecture (ch 128, ch_mult 1-2-4-4, 2 res blocks; random weights, random
@@ -12,22 +12,19 @@ with glibc told to return freed blocks) on the CPU. The last line is the JSON of
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import json
 import platform
 import random
-import re
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from devtools.comfy_runtime import REPO_ROOT, import_comfy, import_plugin  # noqa: E402
+from bench import common
+from devtools.comfy_runtime import REPO_ROOT
 
-import_comfy(cpu=True if "--cpu" in sys.argv else None)
-import_plugin()
+common.start_comfy()
+common.import_test_fixtures()
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.sd  # noqa: E402
@@ -82,10 +79,6 @@ def track_freed_memory() -> None:
         libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
 
 
-def rss_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def measure(fn):
     """(result, seconds, peak bytes above the memory in use before the call)."""
     gc.collect()
@@ -96,14 +89,14 @@ def measure(fn):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = rss_kib("VmRSS") * 1024
+        common.reset_peak_rss()
+        before = common.rss_kib("VmRSS") * 1024
     start = time.perf_counter()
     out = fn()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if cuda else rss_kib("VmHWM") * 1024) - before
+    peak = (torch.cuda.max_memory_allocated() if cuda else common.rss_kib("VmHWM") * 1024) - before
     return out.float().cpu(), seconds, max(0, peak)
 
 
@@ -132,12 +125,11 @@ def run_size(name, vae, z, tile):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (minutes on a 2-core CPU)")
+    ap = common.parser(__doc__.splitlines()[0], "smaller sizes (minutes on a 2-core CPU)")
     ap.add_argument("--tile", type=int, default=0,
                     help="tile size in pixels for core's tiled decode and ours (default 512; 256 with --quick, so the "
                          "small images are still cut into tiles)")
-    ap.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
+    common.add_cpu_option(ap)
     ap.add_argument("--fp32", action="store_true",
                     help="decode in float32 on a GPU too (ComfyUI's --fp32-vae), to tell tiling error from bf16 rounding")
     args = ap.parse_args()
@@ -174,7 +166,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {'cuda ' + torch.cuda.get_device_name() if gpu else 'cpu'}, "
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    print(json.dumps(figures))
+    common.print_figures(figures)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Training speed of the nano family's stages: eager with ComfyUI's default attention against the training script's
 own setting (PyTorch's fused attention, `torch.compile`), side by side in one process.
 
-    .venv/bin/python bench/bench_train_speed.py [--quick]
+    .venv/bin/python -m bench.bench_train_speed [--quick]
 
 Each DiT stage (base, turbo, edit) runs the training script's own stage function (`nano.train.train_base` and so on,
 on a temporary work folder) for a few untimed steps (compiling, for ours) and then `--steps` timed ones, on real
@@ -12,9 +12,6 @@ The last line is the JSON of the figures; no GPU is used.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import random
 import sys
 import tempfile
@@ -22,11 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-if str(Path(__file__).resolve().parent.parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from devtools.comfy_runtime import import_comfy  # noqa: E402
+from bench import common
 
-import_comfy(cpu=True)
+common.start_comfy(cpu=True, plugin=False)
 
 import comfy.ldm.lumina.model  # noqa: E402
 import torch  # noqa: E402
@@ -114,8 +109,7 @@ def time_encoding(vae: nt.VAE, images: list, fast: bool) -> tuple[float, torch.T
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer timed steps and images")
+    ap = common.parser(__doc__.splitlines()[0], "fewer timed steps and images")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per stage (default 40, --quick 15)")
     args = ap.parse_args()
     steps = args.steps or (15 if args.quick else 40)
@@ -140,9 +134,8 @@ def main() -> int:
                              "speedup": round(eager_s / ours_s, 2),
                              "max_abs_diff": float(f"{(ours_z - eager_z).abs().max():.2e}")}
     print(f"VAE encode: {eager_s * 1000:.2f} -> {ours_s * 1000:.2f} ms per image ({figures['vae_encode']['speedup']}x)")
-    figures.update(seconds=round(time.time() - started, 1),
-                   machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(json.dumps(figures))
+    figures.update(seconds=round(time.time() - started, 1), machine=common.machine())
+    common.print_figures(figures)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Evaluation of the nano Z-Image family: generated images scored by the deterministic detector.
 
-    .venv/bin/python bench/eval_nano.py [--quick] [--models DIR] [--save DIR]
+    .venv/bin/python -m bench.eval_nano [--quick] [--models DIR] [--save DIR]
 
 Loads the shipped weights through the Z-Image Checkpoint Loader and samples with ComfyUI's own sampler code
 (`comfy.sample.sample`), as the workflows do:
@@ -15,21 +15,15 @@ The last line is the JSON of the figures. `--quick` scores 20 prompts and 10 edi
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 
-if str(Path(__file__).resolve().parent.parent) not in sys.path:  # (not ahead of ComfyUI's own `nodes`)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from devtools.comfy_runtime import REPO_ROOT, import_comfy, import_plugin  # noqa: E402
+from bench import common
+from devtools.comfy_runtime import REPO_ROOT
 
-if "comfy.model_management" not in sys.modules:  # imported by another benchmark: keep its device choice
-    import_comfy(cpu=True)
-import_plugin()
+common.start_comfy(cpu=True)  # imported by another benchmark: keeps that one's device
 
 import comfy.sample  # noqa: E402
 import folder_paths  # noqa: E402
@@ -92,8 +86,7 @@ def accuracy(results: list[dict]) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="20 prompts and 10 edits")
+    ap = common.parser(__doc__.splitlines()[0], "20 prompts and 10 edits")
     ap.add_argument("--models", type=Path, default=REPO_ROOT / "models", help="folder with the family's model folders")
     ap.add_argument("--save", type=Path, help="also write every generated image here")
     ap.add_argument("--seed", type=int, default=2026)
@@ -141,8 +134,8 @@ def main() -> int:
     if "edit" in wanted:
         score_edits(args, figures, n_edits)
     figures.update(prompts=2 * n_scenes, edits=n_edits, quick=args.quick, seconds=round(time.time() - started, 1),
-                   machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(json.dumps(figures))
+                   machine=common.machine())
+    common.print_figures(figures)
     return 0
 
 
