@@ -16,8 +16,7 @@ from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E
 
 import_plugin()
 from comfyui_zimage.nodes.compat import make_llama_blocks_trainable  # noqa: E402
-from comfyui_zimage.nodes.edit import NextDiTWithReference  # noqa: E402
-from comfyui_zimage.nodes.loader import qwen3_model_class  # noqa: E402
+from comfyui_zimage.nodes.edit import NextDiTWithReference, qwen3_model_class  # noqa: E402
 
 OPS = comfy.ops.disable_weight_init
 

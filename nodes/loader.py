@@ -62,7 +62,7 @@ from .compat import (
     prepare_quantized,
     quant_formats,
 )
-from .edit import ZImageEditModel, qwen3_model_class  # nano/ imports qwen3_model_class from here too
+from .edit import ZImageEditModel, qwen3_model_class
 from .model_guard import GUARD_KEY, add_interrupt_checks, check_cfg, guard_model_call, guard_vae
 
 log = logging.getLogger("comfyui-zimage")
