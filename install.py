@@ -4,7 +4,8 @@
     python3 install.py                 install (see below); safe to re-run
     python3 install.py run [...]       the main job: turbo workflow on a headless ComfyUI, images to a folder
     python3 install.py test [...]      the test suite (pytest arguments pass through); installs chromium and
-                                       playwright-core for the browser tests where it can
+                                       playwright-core for the browser tests, and redis-server for the
+                                       service tests, where it can
     python3 install.py test --fast     only the in-process tests (no server, browser, training or pip install)
     python3 install.py download [...]  fetch the real Z-Image files (needs internet; never done implicitly)
 
@@ -66,6 +67,11 @@ CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 CJK_FONT = Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc")
 DEBIAN_PACKAGES = ("chromium", "fonts-wqy-microhei")
 DEV_REQUIREMENTS = ROOT / "requirements-dev.txt"
+# The generation service (zimage_serve: Celery, Redis, FastAPI) and its tests; not the plugin's own needs.
+SERVE_REQUIREMENTS = ROOT / "requirements-serve.txt"
+# Its broker and store: Debian's redis-server binary (the service tests start their own on a free port).
+REDIS_SERVER = Path(os.environ.get("REDIS_SERVER", "/usr/bin/redis-server"))
+SERVICE_PACKAGES = ("redis-server",)
 
 
 def log(message: str) -> None:
@@ -136,7 +142,7 @@ def venv_python() -> Path:
 def provision_fingerprint(runtime: Runtime = DEFAULT_RUNTIME) -> str:
     h = hashlib.sha256()
     h.update(f"{COMFYUI_WHEEL} {TORCH_PINS} {TORCHAUDIO_PIN} {SKIPPED_COMFY_REQUIREMENTS} {sys.version_info[:2]}".encode())
-    for f in (PLUGIN_REQUIREMENTS, DEV_REQUIREMENTS):
+    for f in (PLUGIN_REQUIREMENTS, DEV_REQUIREMENTS, SERVE_REQUIREMENTS):
         h.update(f.read_bytes())
     if runtime.source is not None:
         h.update(str(runtime.source).encode())
@@ -246,7 +252,7 @@ def provision_bare(force: bool = False, runtime: Runtime = DEFAULT_RUNTIME) -> N
     torch_pins = TORCH_PINS + ([TORCHAUDIO_PIN] if needs_torchaudio(runtime.comfy_dir) else [])
     pip_install(runtime.python, *torch_pins)
     pip_install(runtime.python, *comfy_requirements(runtime.comfy_dir), "-r", str(PLUGIN_REQUIREMENTS),
-                "-r", str(DEV_REQUIREMENTS), *torch_pins)
+                "-r", str(DEV_REQUIREMENTS), "-r", str(SERVE_REQUIREMENTS), *torch_pins)
     link_plugin(runtime.comfy_dir)
     runtime.stamp.write_text(fingerprint)
     log(f"runtime ready: ComfyUI {comfyui_version(runtime.comfy_dir)} in {runtime.comfy_dir}")
@@ -274,6 +280,27 @@ def ensure_browser_tools() -> None:
                 log("npm is missing: install Node.js 20+; the browser tests will be skipped")
     except (subprocess.CalledProcessError, OSError) as e:
         log(f"could not install the browser tools ({e}); the browser tests will be skipped")
+
+
+def ensure_service_tools() -> None:
+    """Install redis-server for the service tests where this machine allows it (apt as root on Debian); otherwise
+    say why they will skip. Never fatal: the other tests still run. Debian starts a system Redis after installing
+    it; it is stopped again, since the service runs its own."""
+    if REDIS_SERVER.exists() or shutil.which("redis-server"):
+        return
+    if not (shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0):
+        log("redis-server is missing and apt-get cannot run here: install the Debian package redis-server (or set "
+            "REDIS_SERVER); the service tests will be skipped")
+        return
+    try:
+        log("installing " + " ".join(SERVICE_PACKAGES) + " for the service tests")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *SERVICE_PACKAGES], check=True, env=env)
+        if shutil.which("service"):
+            subprocess.run(["service", "redis-server", "stop"], check=False, env=env)
+    except (subprocess.CalledProcessError, OSError) as e:
+        log(f"could not install redis-server ({e}); the service tests will be skipped")
 
 
 def install_plugin_requirements(comfy: Path) -> None:
@@ -346,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         rest = [arg for arg in rest if arg != "--fast"]
         if not fast:
             ensure_browser_tools()
+            ensure_service_tools()
         pytest_args = (["-m", "not live"] if fast else []) + (rest or ["tests"])
         return run_in_runtime("ruff", ["check", "."], source) or run_in_runtime("pytest", pytest_args, source)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,8 +19,8 @@ from zimage_testing.helpers import REPO_ROOT
 
 from zimage_client.server import ComfyServer
 
-KINDS = ("unit", "server", "client", "browser")
-ALWAYS_LIVE = ("server", "browser")
+KINDS = ("unit", "server", "client", "browser", "service")
+ALWAYS_LIVE = ("server", "browser", "service")
 
 
 def pytest_collection_modifyitems(items):

@@ -91,6 +91,28 @@ def test_a_failed_browser_tool_install_is_reported_not_fatal(install, tmp_path, 
     assert "browser tests will be skipped" in capsys.readouterr().out
 
 
+def test_redis_server_is_installed_for_the_service_tests_only_when_missing_and_where_apt_can_run(install, tmp_path,
+                                                                                               monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(list(cmd)))
+    monkeypatch.setattr(install, "REDIS_SERVER", tmp_path / "redis-server")
+    monkeypatch.setattr(install.shutil, "which", lambda name: None if name == "redis-server" else f"/usr/bin/{name}")
+    monkeypatch.setattr(install.os, "geteuid", lambda: 0)
+    install.ensure_service_tools()
+    assert calls[0][:2] == ["apt-get", "update"] and calls[1][-1] == "redis-server"
+    assert calls[2] == ["service", "redis-server", "stop"]  # the service runs its own Redis, not Debian's
+
+    calls.clear()  # not root: nothing is installed, and the log says what to do
+    monkeypatch.setattr(install.os, "geteuid", lambda: 1000)
+    install.ensure_service_tools()
+    assert calls == [] and "service tests will be skipped" in capsys.readouterr().out
+
+    (tmp_path / "redis-server").write_text("")  # present: nothing runs
+    monkeypatch.setattr(install.os, "geteuid", lambda: 0)
+    install.ensure_service_tools()
+    assert calls == []
+
+
 def make_comfyui_tar(path, version="9.9.9", extra=()):
     import io
     import tarfile
@@ -134,12 +156,13 @@ def test_comfyui_option_is_taken_out_of_the_pytest_arguments(install):
 def test_fast_runs_only_the_tests_not_marked_live_and_installs_no_browser(install, monkeypatch):
     runs, browser = [], []
     monkeypatch.setattr(install, "ensure_browser_tools", lambda: browser.append(True))
+    monkeypatch.setattr(install, "ensure_service_tools", lambda: browser.append(True))
     monkeypatch.setattr(install, "run_in_runtime", lambda module, argv, source=None: runs.append((module, argv)) or 0)
     assert install.main(["test", "--fast", "-k", "loader"]) == 0
     assert runs == [("ruff", ["check", "."]), ("pytest", ["-m", "not live", "-k", "loader"])] and not browser
     runs.clear()
     assert install.main(["test"]) == 0
-    assert runs[-1] == ("pytest", ["tests"]) and browser == [True]
+    assert runs[-1] == ("pytest", ["tests"]) and browser == [True, True]
 
 
 def test_every_test_has_its_kind_and_the_fast_set_is_in_process():

@@ -38,9 +38,10 @@ def test_pyproject_dependencies_are_requirements_txt():
     assert deps == requirement_file(REPO_ROOT / "requirements.txt")
 
 
-def test_pyproject_dev_extra_is_requirements_dev_txt():
-    dev = {normalized(d) for d in pyproject()["project"]["optional-dependencies"]["dev"]}
-    assert dev == requirement_file(REPO_ROOT / "requirements-dev.txt")
+@pytest.mark.parametrize(("extra", "file"), [("dev", "requirements-dev.txt"), ("serve", "requirements-serve.txt")])
+def test_pyproject_extras_are_their_requirement_files(extra, file):
+    listed = {normalized(d) for d in pyproject()["project"]["optional-dependencies"][extra]}
+    assert listed == requirement_file(REPO_ROOT / file)
 
 
 def module_level_imports(path) -> set[str]:

@@ -1,0 +1,1 @@
+"""The generation service: an HTTP API in front of Celery workers, one per headless ComfyUI (docs/serving.md)."""
