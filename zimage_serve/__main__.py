@@ -35,7 +35,10 @@ def settings_of(args) -> config.Settings:
              "jwt_private_key_file", "host", "port", "comfy_url", "jobs_per_minute", "max_queued", "queue_limit",
              "cache_ttl", "job_timeout")
     settings = config.load(**{n: getattr(args, n, None) for n in names})
-    return replace(settings, data_dir=Path(settings.data_dir).resolve())
+    # Children run from the repository's folder: every path is made absolute here, where it was given.
+    paths = {n: Path(getattr(settings, n)).expanduser().resolve()
+             for n in ("data_dir", "jwt_secret_file", "jwt_public_key_file", "jwt_private_key_file") if getattr(settings, n)}
+    return replace(settings, **paths)
 
 
 def cmd_token(args) -> int:
@@ -105,6 +108,9 @@ def cmd_up(args) -> int:
     if not settings.auth_configured:
         secret = data / "keys" / "jwt-secret"
         settings = replace(settings, jwt_secret_file=secret if secret.is_file() else auth.new_secret(secret))
+    auth.signing_key(settings)  # up prints a token: a key to sign it with must be there before anything starts
+    auth.verifying_key(settings)
+    models_dir = args.models_dir.expanduser().resolve() if args.models_dir else None
     started = []  # (name, stop function), stopped in reverse
     try:
         if not args.redis_url:
@@ -114,7 +120,7 @@ def cmd_up(args) -> int:
         servers = []
         for i in range(args.workers):
             gpu = {"CUDA_VISIBLE_DEVICES": str(i)} if args.gpu_per_worker else {}
-            server = ComfyServer(data / "comfyui" / str(i), models_dir=args.models_dir, cpu=args.cpu)
+            server = ComfyServer(data / "comfyui" / str(i), models_dir=models_dir, cpu=args.cpu)
             started.append((f"comfyui {i}", server))  # before start(): a Ctrl-C while it starts still stops it
             with environment(OMP_NUM_THREADS=args.comfy_threads, **gpu):
                 server.start()

@@ -1,8 +1,8 @@
 """The HTTP API (FastAPI; OpenAPI at /docs). `create_app(settings)` builds it; `python -m zimage_serve api` serves it."""
 from __future__ import annotations
 
-import os
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -47,6 +47,7 @@ class Problem(Exception):
 def create_app(settings: config.Settings | None = None) -> FastAPI:
     settings = settings or config.load()
     key = auth.verifying_key(settings)
+    jobs_dir = Path(settings.jobs_dir).resolve()
     store = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10)
     from .tasks import app as celery_app  # the broker settings come from the same environment
     from .tasks import generate
@@ -82,6 +83,20 @@ def create_app(settings: config.Settings | None = None) -> FastAPI:
             raise Problem(404, f"no job {job_id}")
         return job
 
+    def unqueued(store, subject: str, job_ids: list[str], charged: int, error: Exception) -> None:
+        """A request the broker refused part-way: its jobs end (the ones already sent are revoked, and a worker
+        that gets one anyway skips it, being cancelled), and the jobs-a-minute it was charged are given back."""
+        for job_id in job_ids:
+            jobs.update(store, job_id, cancel=1)
+            jobs.change(store, settings.log_dir, job_id, ("queued",), "failed", finished=time.time(),
+                        error=f"could not be queued: the broker cannot be reached ({error})")
+            quota.remove_active(store, subject, job_id)
+            try:
+                celery_app.control.revoke(job_id)
+            except Exception:  # noqa: BLE001 - the broker is down; the cancel mark stops the job anyway
+                pass
+        quota.refund(store, subject, charged)
+
     @app.get("/healthz")
     def healthz():
         return {"ok": True}
@@ -106,6 +121,10 @@ def create_app(settings: config.Settings | None = None) -> FastAPI:
         now = time.time()
         hits = [cache.get(store, b["workflow_sha256"]) for b in built]
         to_run = sum(hit is None for hit in hits)
+        largest = quota.largest_batch(settings.jobs_per_minute, settings.max_queued)
+        if to_run > largest:
+            raise Problem(422, f"a request may hold at most {largest} jobs that are not cached (the quotas: "
+                               f"{settings.jobs_per_minute} a minute, {settings.max_queued} queued); split it")
         if to_run:
             if jobs.queue_depth(store) + to_run > settings.queue_limit:
                 raise Problem(503, f"the queue is full ({settings.queue_limit} jobs); try again later", {"Retry-After": "30"})
@@ -113,7 +132,7 @@ def create_app(settings: config.Settings | None = None) -> FastAPI:
             if wait is not None:
                 raise Problem(429, f"quota exceeded for {c['sub']} ({settings.jobs_per_minute} jobs a minute, "
                                    f"{settings.max_queued} queued)", {"Retry-After": str(wait)})
-        answers = []
+        answers, queued_here = [], []
         for fields, hit in zip(built, hits, strict=True):
             job_id = jobs.new_id()
             record = {"id": job_id, "subject": c["sub"], "received": now, "queued": now, **fields}
@@ -129,11 +148,11 @@ def create_app(settings: config.Settings | None = None) -> FastAPI:
                 quota.add_active(store, c["sub"], job_id)
                 try:
                     generate.apply_async(args=[job_id], task_id=job_id, queue=settings.queue)
-                except Exception as e:  # the broker is down: the job must not wait forever in its record
-                    jobs.change(store, settings.log_dir, job_id, ("queued",), "failed", finished=time.time(),
-                                error=f"could not be queued: the broker cannot be reached ({e})")
-                    quota.remove_active(store, c["sub"], job_id)
-                    raise Problem(503, f"the broker cannot be reached: {e}", {"Retry-After": "5"}) from None
+                except Exception as e:  # the broker is down: no job of this request may wait for ever, or run
+                    unqueued(store, c["sub"], [job_id, *queued_here], to_run - len(queued_here), e)
+                    raise Problem(503, f"the broker cannot be reached ({e}); no job of this request was queued",
+                                  {"Retry-After": "5"}) from None
+                queued_here.append(job_id)
             answers.append(jobs.public(job))
         status = 200 if all(a["cached"] for a in answers) else 202
         return JSONResponse({"jobs": answers} if isinstance(body, BatchRequest) else answers[0], status_code=status)
@@ -149,8 +168,9 @@ def create_app(settings: config.Settings | None = None) -> FastAPI:
         if not 0 <= n < len(outputs):
             raise Problem(404, f"job {job_id} has {len(outputs)} image(s) (state {job.get('state')})")
         output = outputs[n]
-        if os.path.isfile(output["path"]):
-            return FileResponse(output["path"], media_type="image/png")
+        path = Path(output["path"]).resolve()
+        if path.is_relative_to(jobs_dir / job_id) and path.is_file():  # only what the service wrote for this job
+            return FileResponse(path, media_type="image/png")
         try:  # a worker on another host wrote it: its ComfyUI still has it
             data = ComfyClient(job["comfy_url"], timeout=30).view(output["comfy"])
         except (ComfyError, OSError, KeyError, TypeError) as e:
@@ -167,15 +187,18 @@ def create_app(settings: config.Settings | None = None) -> FastAPI:
                            error="cancelled before it started")
         if done is not None:
             quota.remove_active(store, done.get("subject") or "", job_id)
-            celery_app.control.revoke(job_id)
+            try:
+                celery_app.control.revoke(job_id)
+            except Exception:  # noqa: BLE001 - best effort: a worker that gets it skips it, being cancelled
+                pass
             return jobs.public(done)
         job = jobs.load(store, job_id)
         if job["state"] == "running" and job.get("comfy_url") and job.get("prompt_id"):
             try:  # takes it off the server's queue, or interrupts it if it runs; never another client's prompt
                 ComfyClient(job["comfy_url"], timeout=10).cancel([job["prompt_id"]])
-            except (ComfyError, OSError) as e:
-                raise Problem(502, f"could not reach the job's ComfyUI at {job['comfy_url']}: {e}") from None
-        # The worker sees the cancel mark and ends the job as cancelled.
+            except (ComfyError, OSError):
+                pass  # its worker sees the cancel mark and stops the run itself
+        # The worker sees the cancel mark and ends the job as cancelled (or finished, if the run ended first).
         return JSONResponse(jobs.public(job), status_code=202)
 
     return app

@@ -59,7 +59,13 @@ def build(request: dict) -> dict:
     """A request (workflow name or object, and submit's options) -> the fields of its job record.
 
     Raises WorkflowError with a one-line reason when the request cannot be applied."""
-    source = request.get("workflow") or "zimage-turbo"
+    try:  # a lone surrogate ("\ud800") has no UTF-8: the workflow's sha256 could not be taken
+        json.dumps(request, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise WorkflowError("the request holds text that is not valid Unicode (a lone surrogate)") from None
+    source = request.get("workflow")
+    if source is None:  # only when absent: an empty name or object is refused below, not read as the default
+        source = "zimage-turbo"
     if isinstance(source, str):
         name, workflow = (source[:-5] if source.endswith(".json") else source), bundled_workflow(source)
     elif isinstance(source, dict):
@@ -67,10 +73,20 @@ def build(request: dict) -> dict:
             raise WorkflowError('a UI workflow (nodes and links) was sent; send the API format ("Export (API)")')
         if not source or not all(isinstance(n, dict) and "class_type" in n for n in source.values()):
             raise WorkflowError("the workflow is not in the API format (an object of nodes, each with a class_type)")
+        for node_id, node in source.items():
+            if not isinstance(node.get("inputs"), dict):
+                raise WorkflowError(f"node {node_id} has no inputs object (API format: \"inputs\": {{...}})")
+            if not isinstance(node.get("_meta", {}), dict):
+                raise WorkflowError(f"node {node_id}: _meta must be an object")
         name, workflow = "custom", source
     else:
         raise WorkflowError("workflow must be a bundled workflow's name or an API-format workflow object")
     size = request.get("size")
+    if request.get("width") or request.get("height") or size:
+        for node_id, node in of_type(workflow, ("EmptySD3LatentImage", "EmptyLatentImage")):
+            missing = [n for n in ("width", "height") if n not in node["inputs"]]
+            if missing:
+                raise WorkflowError(f"node {node_id} ({node['class_type']}) has no {' or '.join(missing)} input to size")
     workflow = apply_options(workflow, text=request.get("prompt"), negative=request.get("negative"),
                              seed=request.get("seed"), width=request.get("width") or size,
                              height=request.get("height") or size, steps=request.get("steps"),
@@ -139,27 +155,36 @@ def create(r, log_dir: Path, fields: dict) -> dict:
     return job
 
 
-# Sets the fields only if the job is in one of the allowed states (comma-separated ARGV[1]); 1 if it was.
+# A compare-and-set: sets the fields only if the job is in one of the allowed states (comma-separated ARGV[1])
+# and its fields named in the ARGV[2] pairs that follow still hold those values (a missing field reads ""); then
+# the field pairs, state first. A job that leaves "queued" leaves the queued set (KEYS[2]) at once. 1 if it was set.
 CHANGE = """
 local s = redis.call('HGET', KEYS[1], 'state')
 if not s then return 0 end
 local ok = false
 for st in string.gmatch(ARGV[1], '[^,]+') do if st == s then ok = true end end
 if not ok then return 0 end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local n = tonumber(ARGV[2])
+for i = 3, 2 + 2 * n, 2 do
+  if (redis.call('HGET', KEYS[1], ARGV[i]) or '') ~= ARGV[i + 1] then return 0 end
+end
+for i = 3 + 2 * n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[4 + 2 * n] ~= 'queued' then redis.call('ZREM', KEYS[2], ARGV[#ARGV]) end
 return 1
 """
 
 
-def change(r, log_dir: Path, job_id: str, allowed, state: str, **fields) -> dict | None:
-    """Move a job to `state` if it is in one of `allowed`; the new record (and a log line), or None."""
-    args = [",".join(allowed)]
-    for name, value in encode({"state": state, **fields}).items():
+def change(r, log_dir: Path, job_id: str, allowed, state: str, expect: dict | None = None, **fields) -> dict | None:
+    """Move a job to `state` if it is in one of `allowed` and its fields in `expect` still have those values;
+    the new record (and a log line), or None."""
+    expected = encode(expect or {})
+    args = [",".join(allowed), len(expected)]
+    for name, value in expected.items():
         args += [name, value]
-    if not r.eval(CHANGE, 1, key(job_id), *args):
+    for name, value in encode({"state": state, **fields, "id": job_id}).items():
+        args += [name, value]
+    if not r.eval(CHANGE, 2, key(job_id), QUEUED_SET, *args):
         return None
-    if state != "queued":
-        r.zrem(QUEUED_SET, job_id)
     job = load(r, job_id)
     joblog.write(log_dir, job)
     return job

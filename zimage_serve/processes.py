@@ -2,6 +2,7 @@
 with its log under the data folder. `up` and the service tests use the same functions."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -40,17 +41,25 @@ def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> subprocess
 
 
 def stop(process: subprocess.Popen | None, timeout: float = 20.0, sig: int = signal.SIGTERM) -> None:
-    """Stop one process group (the process and its children, e.g. a Celery worker's pool), and wait for it."""
+    """Stop a process and its group (e.g. a Celery worker and its pool), and wait for it. SIGTERM goes to the main
+    process only: a Celery worker then finishes its running job (a warm shutdown) and stops its pool itself, where
+    its pool processes, told SIGTERM directly, would die mid-job. SIGKILL, or a process still there after the
+    timeout, takes the whole group."""
     if process is None or process.poll() is not None:
         return
     try:
-        os.killpg(process.pid, sig)
+        if sig == signal.SIGTERM:
+            process.send_signal(sig)
+        else:
+            os.killpg(process.pid, sig)
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
     except ProcessLookupError:
         pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # anything of its group left behind (a pool process)
 
 
 def tail(path: Path, lines: int = 30) -> str:

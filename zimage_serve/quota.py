@@ -28,6 +28,17 @@ def check(r, subject: str, count: int, per_minute: int, max_active: int) -> int 
     return None
 
 
+def refund(r, subject: str, count: int) -> None:
+    """Give back jobs-a-minute charged for jobs that were not queued after all."""
+    if count > 0:
+        r.decrby(minute_key(subject, int(time.time() // 60)), count)
+
+
+def largest_batch(per_minute: int, max_active: int) -> int:
+    """The most jobs one request may hold: a larger batch could never pass the quotas, however long it waited."""
+    return max(0, min(per_minute, max_active))
+
+
 def add_active(r, subject: str, job_id: str) -> None:
     r.sadd(active_key(subject), job_id)
 

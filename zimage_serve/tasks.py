@@ -7,6 +7,8 @@ job record makes that safe: a finished job is not run again, and a job another w
 heartbeat is fresh) is waited for, not run twice."""
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -14,12 +16,13 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from zimage_client.comfy_api import ComfyClient, ComfyError, PromptRejected, RunTimeout
+from zimage_client.comfy_api import ComfyClient, ComfyError, PromptRejected, RunResult, RunTimeout
 from zimage_client.submit import SAMPLERS, k_gen_of, of_type
 
 from . import cache, config, jobs, quota
 
 settings = config.load()
+log = logging.getLogger("zimage_serve.tasks")
 
 
 def make_app(s: config.Settings) -> Celery:
@@ -68,7 +71,7 @@ def retrying(fn, *args, **kwargs):
     while True:
         try:
             return fn(*args, **kwargs)
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
@@ -84,7 +87,7 @@ def wait_for_owner(s: config.Settings, r, job_id: str, worker: str) -> dict | No
     while True:
         try:
             job = jobs.load(r, job_id)
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):
             time.sleep(1.0)
             last, since = None, time.monotonic()
             continue
@@ -98,33 +101,80 @@ def wait_for_owner(s: config.Settings, r, job_id: str, worker: str) -> dict | No
 
 
 def run_job(s: config.Settings, r, job_id: str, worker: str) -> str:
-    job = retrying(jobs.load, r, job_id)
-    if job is None:
-        return "unknown"
-    if job["state"] == "running":
-        job = wait_for_owner(s, r, job_id, worker)
-    if job is None or job["state"] in jobs.TERMINAL:
-        return job["state"] if job else "unknown"  # a redelivered job that already ended is not run twice
-    if job.get("cancel"):
-        retrying(end, s, r, job, "cancelled", error="cancelled before it started")
-        return "cancelled"
-    previous = (job.get("comfy_url"), job.get("prompt_id")) if job["state"] == "running" else (None, None)
-    started = time.time()
-    job = jobs.change(r, s.log_dir, job_id, ("queued", "running"), "running", started=started, heartbeat=started,
-                      worker=worker, comfy_url=s.comfy_url, prompt_id=None, step=0, total=None)
-    if job is None:  # cancelled meanwhile
-        return "cancelled"
-    if previous[0] and previous[1]:
-        try:  # the dead worker's ComfyUI may still run it: take it back there, so it is not run on two servers
-            ComfyClient(previous[0], timeout=5).cancel([previous[1]])
-        except (ComfyError, OSError):
-            pass
+    """Run the job, or see that it needs no run; never leaves it running or queued on an error of its own."""
+    try:
+        return take_and_run(s, r, job_id, worker)
+    except Exception as e:  # last resort: a bug or an unforeseen error must not leave the job stuck for ever
+        log.exception("job %s: internal error", job_id)
+        job = retrying(jobs.load, r, job_id)
+        if job is None or (job["state"] == "running" and job.get("worker") != worker):
+            raise  # unknown, or another worker's now: not ours to end
+        return retrying(end, s, r, job, "failed", error=f"internal error: {type(e).__name__}: {e}")
+
+
+def take_and_run(s: config.Settings, r, job_id: str, worker: str) -> str:
+    while True:
+        job = retrying(jobs.load, r, job_id)
+        if job is None:
+            return "unknown"
+        if job["state"] == "running":
+            job = wait_for_owner(s, r, job_id, worker)
+        if job is None or job["state"] in jobs.TERMINAL:
+            return job["state"] if job else "unknown"  # a redelivered job that already ended is not run twice
+        if job.get("cancel"):
+            return retrying(end, s, r, job, "cancelled", error="cancelled before it started")
+        # Compare and set: from queued only while still queued; a take-over only while the record still names the
+        # stale worker and heartbeat seen above (another delivery may have taken it meanwhile: then look again).
+        expect = {"worker": job.get("worker"), "heartbeat": job.get("heartbeat")} if job["state"] == "running" else None
+        started = time.time()
+        taken = retrying(jobs.change, r, s.log_dir, job_id, (job["state"],), "running", expect=expect,
+                         started=started, heartbeat=started, worker=worker, comfy_url=s.comfy_url, prompt_id=None,
+                         step=0, total=None)
+        if taken is not None:
+            break
     stop = threading.Event()
     threading.Thread(target=heartbeat, args=(s, r, job_id, stop), daemon=True).start()
     try:
-        return execute(s, r, job, worker)
+        if job["state"] == "running" and job.get("comfy_url") and job.get("prompt_id"):
+            done = take_over(s, r, taken, job)
+            if done is not None:
+                return done
+        return execute(s, r, taken, worker)
     finally:
         stop.set()
+
+
+def take_over(s: config.Settings, r, job: dict, previous: dict) -> str | None:
+    """The dead worker's prompt on its ComfyUI: if it finished there, its images are collected and the job ends
+    (the job's end, or None to run it here). Else it is taken back there, so that it does not run on two servers."""
+    url, prompt_id = previous["comfy_url"], previous["prompt_id"]
+    client = ComfyClient(url, timeout=10)
+
+    def finished_there() -> dict | None:
+        try:
+            entry = client.history(prompt_id)
+        except (ComfyError, OSError, ValueError):
+            return None
+        return entry if (entry.get("status") or {}).get("status_str") == "success" else None
+
+    entry = finished_there()
+    if entry is None:
+        try:
+            client.cancel([prompt_id])
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:  # until it has left the server's queue, finished or interrupted
+                queue = client.queue()
+                if prompt_id not in {e[1] for k in ("queue_running", "queue_pending") for e in queue.get(k, [])}:
+                    break
+                time.sleep(0.2)
+        except (ComfyError, OSError, ValueError):
+            return None  # unreachable: run it here
+        entry = finished_there()  # it may have finished before the cancel reached it
+        if entry is None:
+            return None
+    result = RunResult(prompt_id, "success", entry)
+    steps = previous.get("steps") or previous.get("total")
+    return finish(s, r, job, client, result, steps, comfy_url=url, prompt_id=prompt_id)  # where its images are
 
 
 def heartbeat(s: config.Settings, r, job_id: str, stop: threading.Event) -> None:
@@ -173,7 +223,7 @@ def execute(s: config.Settings, r, job: dict, worker: str) -> str:
         except (ComfyError, OSError):
             pass
         return retrying(end, s, r, job, "failed", error=str(e))
-    except ComfyError as e:
+    except (ComfyError, OSError, ValueError) as e:  # also a failed /history read, a reply that is not JSON
         return retrying(end, s, r, job, "failed", error=f"ComfyUI at {s.comfy_url}: {e}")
     if cancel_requested(r, job_id):
         try:  # the API may have asked before the prompt id was known: make sure it is gone from the server
@@ -188,14 +238,19 @@ def execute(s: config.Settings, r, job: dict, worker: str) -> str:
         message = ("interrupted on the server" if result.status in ("interrupted", "cancelled")
                    else f"{where}: {error.get('exception_message', '').strip()}")
         return retrying(end, s, r, job, "failed", error=message)
+    steps = job.get("steps") or max((p[2] for p in result.progress if str(p[0]) in samplers and p[2]), default=None)
+    return finish(s, r, job, client, result, steps)
+
+
+def finish(s: config.Settings, r, job: dict, client: ComfyClient, result, steps, **fields) -> str:
+    """A successful run: its images saved, the job finished."""
     try:
-        outputs = save_outputs(s, client, job_id, result)
-    except (ComfyError, OSError) as e:
+        outputs = save_outputs(s, client, job["id"], result)
+    except (ComfyError, OSError, ValueError) as e:
         return retrying(end, s, r, job, "failed", error=f"the run finished but its images could not be saved: {e}")
     report = k_gen_of(result.outputs) or {}
-    steps = job.get("steps") or max((p[2] for p in result.progress if str(p[0]) in samplers and p[2]), default=None)
     return retrying(end, s, r, job, "finished", outputs=outputs, nfe=report.get("nfe"),
-                    peak_memory_bytes=report.get("peak_memory_bytes"), steps=steps, step=steps, total=steps)
+                    peak_memory_bytes=report.get("peak_memory_bytes"), steps=steps, step=steps, total=steps, **fields)
 
 
 def node_order(node_id: str):
@@ -203,9 +258,9 @@ def node_order(node_id: str):
 
 
 def save_outputs(s: config.Settings, client: ComfyClient, job_id: str, result) -> list[dict]:
-    """The run's saved images, in node order, to <data>/jobs/<job_id>/<n>_<name> (keyed by job id: a second
-    delivery writes the same files, never new ones). Each also names its file on the ComfyUI, so that an API on
-    another host, without this folder, can fetch it from there."""
+    """The run's saved images, in node order, to <data>/jobs/<job_id>/<n><suffix> (keyed by job id and number: a
+    second delivery replaces the same files, never adds new ones). Each also names its file on the ComfyUI, so that
+    an API on another host, without this folder, can fetch it from there."""
     import hashlib
 
     folder = s.jobs_dir / job_id
@@ -217,8 +272,8 @@ def save_outputs(s: config.Settings, client: ComfyClient, job_id: str, result) -
                 continue
             data = client.view(image)
             n = len(outputs)
-            path = folder / f"{n}_{Path(image['filename']).name}"
-            tmp = path.with_name(path.name + ".tmp")
+            path = folder / f"{n}{Path(image['filename']).suffix}"
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one writer's own
             tmp.write_bytes(data)
             tmp.replace(path)
             outputs.append({"n": n, "node": node_id, "path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest(),

@@ -78,6 +78,19 @@ class Stack:
             server.stop()
         processes.stop(self.redis)
 
+    def seeds_run(self) -> list[int]:
+        """The KSampler seeds of every prompt either ComfyUI ran to success (its /history), one entry per run."""
+        from zimage_client.comfy_api import ComfyClient
+
+        seeds = []
+        for server in self.comfy:
+            for entry in ComfyClient(server.url).get_json("/history?max_items=10000").values():
+                if (entry.get("status") or {}).get("status_str") != "success":
+                    continue  # interrupted or failed: not a run whose images anyone got
+                prompt = entry["prompt"][2]
+                seeds += [node["inputs"]["seed"] for node in prompt.values() if node["class_type"] == "KSampler"]
+        return seeds
+
     def token(self, sub: str, scopes=("generate",), ttl: float = 3600) -> str:
         return auth.mint(self.settings, sub, list(scopes), ttl)
 
