@@ -6,11 +6,14 @@ the same jobs sent straight to one ComfyUI, and the jobs lost or run twice when 
 One run, one process, the real parts (as the service tests run them): redis-server, two headless ComfyUI servers
 with one CPU thread each (so two cores are shared fairly), one Celery worker per ComfyUI, and the API. On the nano
 turbo workflow (128x128, 9 steps), every job with a seed of its own (no cache hits):
-- direct: N jobs straight to ComfyUI 0, one after another (zimage_client, /prompt + /ws), the baseline;
-- one worker (worker 1 stopped): N jobs through the API; its time over direct's is `overhead_ratio`;
-- two workers: N jobs; `scaling_2_workers` is their jobs per minute over one worker's;
-- kill: 4 longer jobs, worker 0 killed with SIGKILL mid-job; `lost_jobs` did not finish, `duplicated_jobs` were
-  logged as finished more than once.
+- direct: N jobs straight to ComfyUI 0, one after another (zimage_client, /prompt + /ws, images fetched), the
+  baseline;
+- one worker (worker 1 stopped): N jobs through the API (one batch); its time over direct's is `overhead_ratio`;
+- two workers: 2N jobs; `scaling_2_workers` is their jobs per minute over one worker's;
+each in two rounds (direct, one worker, two workers, twice) so that a machine whose speed drifts over the run
+weighs on all three alike;
+- kill: 4 longer jobs, worker 0 killed with SIGKILL mid-job; `lost_jobs` did not finish or never ran to success on
+  a ComfyUI, `duplicated_jobs` ran to success more than once (counted in both ComfyUIs' /history, by seed).
 The last line is the JSON of the figures. Needs redis-server and requirements-serve.txt.
 """
 from __future__ import annotations
@@ -58,12 +61,12 @@ def through_service(stack, seeds: list[int], subject: str) -> float:
     return last - start
 
 
-def direct(stack, seeds: list[int]) -> float:
-    """Seconds for the same jobs sent straight to ComfyUI 0, one after another, each image fetched, as a user's
-    program would do it."""
+def direct(stack, seeds: list[int], server: int = 0) -> float:
+    """Seconds for the same jobs sent straight to one ComfyUI (ComfyUI 0, where the one-worker phase runs), one
+    after another, each image fetched, as a user's program would do it."""
     from zimage_serve import jobs
 
-    client = stack.comfy[0].client()
+    client = stack.comfy[server].client()
     start = time.perf_counter()
     for seed in seeds:
         result = client.run(jobs.build({"seed": seed})["workflow"], timeout=TURBO_SECONDS_BOUND)
@@ -75,12 +78,12 @@ def direct(stack, seeds: list[int]) -> float:
 
 
 def kill_mid_job(stack) -> tuple[int, int]:
-    """(lost, duplicated) when worker 0 is killed with SIGKILL while it runs a job."""
-    from zimage_serve import joblog
-
+    """(lost, duplicated) when worker 0 is killed with SIGKILL while it runs a job: by the real runs, each job's
+    seed counted among the successful runs in both ComfyUIs' /history."""
     client = stack.client("kill")
-    ids = [job["id"] for job in client.post("/v1/jobs", json={"jobs": [{"seed": 9000 + i, "steps": 30}
-                                                                       for i in range(4)]}).json()["jobs"]]
+    seeds = [9000 + i for i in range(4)]
+    ids = [job["id"] for job in client.post("/v1/jobs", json={"jobs": [{"seed": seed, "steps": 30}
+                                                                       for seed in seeds]}).json()["jobs"]]
     deadline = time.monotonic() + 120
     while not any((job := client.get(f"/v1/jobs/{i}").json())["state"] == "running" and job["worker"].startswith("w0@")
                   and (job.get("progress") or {}).get("step", 0) >= 1 for i in ids):
@@ -89,17 +92,14 @@ def kill_mid_job(stack) -> tuple[int, int]:
         time.sleep(0.1)
     stack.kill_worker(0)
     done = wait_all(client, ids)
-    finished = {}
-    for line in joblog.read(stack.settings.log_dir):
-        if line["job_id"] in ids and line["status"] == "finished":
-            finished[line["job_id"]] = finished.get(line["job_id"], 0) + 1
-    lost = sum(job["state"] != "finished" for job in done.values())
-    return lost, sum(count > 1 for count in finished.values())
+    runs = stack.seeds_run()
+    lost = sum(job["state"] != "finished" or runs.count(job["seed"]) == 0 for job in done.values())
+    return lost, sum(runs.count(seed) > 1 for seed in seeds)
 
 
 def main() -> int:
     ap = common.parser(__doc__.splitlines()[0], "8 jobs a phase instead of 40")
-    ap.add_argument("--jobs", type=int, help="jobs a phase (default 40, --quick 8)")
+    ap.add_argument("--jobs", type=int, help="N, jobs a phase (default 40, --quick 8)")
     args = ap.parse_args()
     why_not = service_env.skip_reason()
     if why_not:
@@ -112,27 +112,31 @@ def main() -> int:
         stack = Stack(Path(tmp), jobs_per_minute=100_000, max_queued=100_000)
         try:
             stack.start()
-            through_service(stack, [1, 2], "warm-up")  # both ComfyUIs load the models
-            direct_s = direct(stack, [100 + i for i in range(n)])
-            print(f"direct: {n} jobs in {direct_s:.1f} s", flush=True)
-            stack.stop_worker(1)
-            one_s = through_service(stack, [1000 + i for i in range(n)], "one-worker")
-            print(f"one worker: {n} jobs in {one_s:.1f} s", flush=True)
-            stack.start_worker(1)
-            two_s = through_service(stack, [2000 + i for i in range(n)], "two-workers")
-            print(f"two workers: {n} jobs in {two_s:.1f} s", flush=True)
+            for server in (0, 1):  # both ComfyUIs load the models before anything is timed
+                direct(stack, [1 + server], server)
+            # Two rounds, each direct / one worker / two workers, so that a machine that speeds up or slows down
+            # over the run weighs on all three alike. Two workers get twice the jobs: each does what one did.
+            seconds = {"direct": 0.0, "one_worker": 0.0, "two_workers": 0.0}
+            half = max(1, n // 2)
+            for r in range(2):
+                seconds["direct"] += direct(stack, [100 + 1000 * r + i for i in range(half)])
+                stack.stop_worker(1)
+                seconds["one_worker"] += through_service(stack, [200 + 1000 * r + i for i in range(half)], f"one-{r}")
+                stack.start_worker(1)
+                seconds["two_workers"] += through_service(stack, [300 + 1000 * r + i for i in range(2 * half)], f"two-{r}")
+            print(", ".join(f"{name}: {s:.1f} s" for name, s in seconds.items()), flush=True)
             lost, duplicated = kill_mid_job(stack)
             print(f"worker killed mid-job: {lost} lost, {duplicated} duplicated", flush=True)
         finally:
             stack.stop()
-    per_minute = {name: round(60.0 * n / seconds, 2) for name, seconds in
-                  (("direct", direct_s), ("one_worker", one_s), ("two_workers", two_s))}
+    jobs_run = {"direct": 2 * half, "one_worker": 2 * half, "two_workers": 4 * half}
+    per_minute = {name: round(60.0 * jobs_run[name] / s, 2) for name, s in seconds.items()}
     common.print_figures({
-        "bench": "serve", "workflow": "zimage-turbo (nano, 128x128, 9 steps)", "jobs_per_phase": n,
+        "bench": "serve", "workflow": "zimage-turbo (nano, 128x128, 9 steps)", "jobs": jobs_run,
         "jobs_per_minute": per_minute,
         "scaling_2_workers": round(per_minute["two_workers"] / per_minute["one_worker"], 3),
-        "overhead_ratio": round(one_s / direct_s, 3),
-        "overhead_per_job_s": round((one_s - direct_s) / n, 3),
+        "overhead_ratio": round(seconds["one_worker"] / seconds["direct"], 3),
+        "overhead_per_job_s": round((seconds["one_worker"] - seconds["direct"]) / (2 * half), 3),
         "lost_jobs": lost, "duplicated_jobs": duplicated,
         "quick": args.quick, "seconds": round(time.time() - started, 1), "machine": common.machine(),
     })

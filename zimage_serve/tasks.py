@@ -36,9 +36,11 @@ def make_app(s: config.Settings) -> Celery:
         result_expires=86400, result_backend_always_retry=True,
         broker_connection_retry_on_startup=True,
         # Redis broker: a job taken by a worker that died returns to the queue after the visibility timeout;
-        # check every restore_interval seconds (kombu's default scans only every 100 s).
+        # check every restore_interval seconds (kombu's default scans only every 100 s). The scan holds a lock in
+        # Redis, which kombu keeps 5 minutes: a worker killed while it held the lock stopped every restore that
+        # long, so it expires after a few scans' time instead.
         broker_transport_options={"visibility_timeout": s.visibility, "unacked_restore_interval": s.restore_interval,
-                                  "unacked_restore_throttle": 1},
+                                  "unacked_restore_throttle": 1, "unacked_mutex_expire": max(10, 5 * s.restore_interval)},
         result_backend_transport_options={"visibility_timeout": s.visibility},
         worker_hijack_root_logger=False,
         # On a lost broker connection the running job goes on; its message is delivered again and the job record
