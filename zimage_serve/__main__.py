@@ -10,7 +10,6 @@ Settings come from ZIMAGE_SERVE_* variables (zimage_serve/config.py), options ov
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -81,21 +80,6 @@ def cmd_api(args) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def environment(**values):
-    """ComfyServer passes this process's environment to ComfyUI: set a few variables just while it starts."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: str(v) for k, v in values.items() if v is not None})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def cmd_up(args) -> int:
     from zimage_client.comfy_api import ComfyError
     from zimage_client.server import ComfyServer, free_port
@@ -122,7 +106,7 @@ def cmd_up(args) -> int:
             gpu = {"CUDA_VISIBLE_DEVICES": str(i)} if args.gpu_per_worker else {}
             server = ComfyServer(data / "comfyui" / str(i), models_dir=models_dir, cpu=args.cpu)
             started.append((f"comfyui {i}", server))  # before start(): a Ctrl-C while it starts still stops it
-            with environment(OMP_NUM_THREADS=args.comfy_threads, **gpu):
+            with processes.environment(OMP_NUM_THREADS=args.comfy_threads, **gpu):
                 server.start()
             servers.append(server)
             print(f"ComfyUI {i}: {server.url}", flush=True)

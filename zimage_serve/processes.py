@@ -139,3 +139,18 @@ def start_api(settings: Settings, python: str | None = None, timeout: float = 60
             time.sleep(0.2)
     stop(process)
     raise StartError(f"the API did not answer at {url} within {timeout:.0f} s:\n{tail(log_path)}")
+
+
+@contextlib.contextmanager
+def environment(**values):
+    """ComfyServer passes this process's environment to ComfyUI: set a few variables just while it starts."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -10,7 +10,6 @@ import httpx
 
 from zimage_client.server import ComfyServer, free_port
 from zimage_serve import auth, config, processes
-from zimage_serve.__main__ import environment
 
 JOBS_PER_MINUTE = 30
 MAX_QUEUED = 40  # above JOBS_PER_MINUTE, so that a minute's quota is met first
@@ -45,7 +44,7 @@ class Stack:
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
-        with environment(OMP_NUM_THREADS=1, MKL_NUM_THREADS=1):  # one CPU thread per ComfyUI: 2 cores, 2 servers
+        with processes.environment(OMP_NUM_THREADS=1, MKL_NUM_THREADS=1):  # one CPU thread per ComfyUI: 2 cores, 2 servers
             threads = [threading.Thread(target=start, args=(s,)) for s in self.comfy]
             [t.start() for t in threads]
             [t.join() for t in threads]
