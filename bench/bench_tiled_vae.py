@@ -1,6 +1,7 @@
 """Tiled VAE benchmark: core VAEDecode, core VAEDecodeTiled (512 px, 64 overlap) and ours, side by side in one process.
 
-    .venv/bin/python -m bench.bench_tiled_vae [--quick] [--tile 512]
+    .venv/bin/python -m bench.bench_tiled_vae [--quick] [--tile 512] [--fp32] [--sizes 2048 4096] [--nano-sizes 1024]
+    .venv/bin/python -m bench.bench_tiled_vae --profile --sizes 1024     # where the time goes (torch.profiler)
 
 Two VAEs: the shipped, trained nano VAE (decoding latents of real pictures of its domain, encoded by it) and
 the full-size Flux/Z-Image VAE architecture (ch 128, ch_mult 1-2-4-4, 2 res blocks; random weights, random
@@ -9,9 +10,18 @@ latents). Sizes: 1024² and 2048² (and 4096² on a GPU) with 512 px tiles; --qu
 Errors are against core's full decode, in 8-bit steps (x255). Peak memory is above what was in use before the
 call: CUDA's allocator peak on a GPU, the process's RSS high-water mark (reset through /proc/self/clear_refs,
 with glibc told to return freed blocks) on the CPU. The last line is the JSON of the figures.
+
+--sizes replaces the full-size VAE's sizes, --nano-sizes the nano VAE's. --profile measures no figures: on the
+full-size VAE at each size it runs one decode of ours and one of core's tiled decode under torch.profiler (after an
+unprofiled warm-up of both at 128² in 64 px tiles) and prints the top ops by self time (CPU, and CUDA on a GPU) of
+each, and our decode's time by phase: the GroupNorm statistics passes, the GroupNorm+SiLU application, the
+convolutions, the upsampling, the global attention, and what the runner does around them (copies, residual adds).
+Phase times are exclusive (a phase's nested phases are subtracted), from CUDA events on a GPU (no added
+synchronisation), the clock on the CPU. Its last line is the JSON of the profile.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -31,6 +41,7 @@ import comfy.sd  # noqa: E402
 import nodes  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from comfyui_zimage.nodes import tiled_vae as tv  # noqa: E402
 from comfyui_zimage.nodes.tiled_vae import tiled_decode  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -124,6 +135,164 @@ def run_size(name, vae, z, tile):
     return row
 
 
+# ---------------------------------------------------------------------------------------------------
+# --profile: where the time goes, ours against core's tiled decode.
+
+class Phases:
+    """Exclusive time per phase of our decode, from wrappers around the tiled VAE module's functions.
+
+    Each wrapped call is also a torch.profiler record_function range (named zimage::<phase>), so the trace shows
+    the phases too. On a GPU the times are CUDA events (no synchronisation added), on the CPU the clock."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.stack, self.roots = cuda, [], []
+
+    def now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            node = {"name": name, "children": []}
+            (self.stack[-1]["children"] if self.stack else self.roots).append(node)
+            self.stack.append(node)
+            node["t0"] = self.now()
+            try:
+                with torch.profiler.record_function(f"zimage::{name}"):
+                    return fn(*args, **kwargs)
+            finally:
+                node["t1"] = self.now()
+                self.stack.pop()
+        return timed
+
+    def seconds(self, node) -> float:
+        if self.cuda:
+            return node["t0"].elapsed_time(node["t1"]) / 1000
+        return node["t1"] - node["t0"]
+
+    def table(self) -> dict:
+        """{phase: {calls, inclusive_s, exclusive_s}}, summed over every call."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+
+        def visit(node):
+            inclusive = self.seconds(node)
+            children = sum(visit(child) for child in node["children"])
+            row = out.setdefault(node["name"], {"calls": 0, "inclusive_s": 0.0, "exclusive_s": 0.0})
+            row["calls"] += 1
+            row["inclusive_s"] += inclusive
+            row["exclusive_s"] += inclusive - children
+            return inclusive
+
+        for root in self.roots:
+            visit(root)
+        return {k: {"calls": v["calls"], "inclusive_s": round(v["inclusive_s"], 3), "exclusive_s": round(v["exclusive_s"], 3)}
+                for k, v in sorted(out.items(), key=lambda kv: -kv[1]["exclusive_s"])}
+
+
+@contextlib.contextmanager
+def phases_of_our_decode(phases: Phases):
+    """Wrap the phases of nodes/tiled_vae.py (its functions look each other up as module globals, so patching
+    the module's attributes reaches every call), and put them back afterwards."""
+    orig = {name: getattr(tv, name) for name in ("decode_exact", "resnet_block", "stats_of", "materialise",
+                                                  "global_attention", "upsample_nearest", "norm_silu")}
+    methods = {(tv.GroupStats, "add"): tv.GroupStats.add, (tv.Conv, "apply"): tv.Conv.apply}
+    norm_silu = orig["norm_silu"]
+    try:
+        tv.decode_exact = phases.wrap("decode_exact: latent-res middle, conv_out tiles, copies", orig["decode_exact"])
+        tv.resnet_block = phases.wrap("resnet_block: tile reads, residual adds, copies", orig["resnet_block"])
+        tv.stats_of = phases.wrap("stats pass of a level's first input (recomputes its upsample conv)",
+                                  orig["stats_of"])
+        tv.materialise = phases.wrap("materialise", orig["materialise"])
+        tv.global_attention = phases.wrap("global attention (mid block, whole latent)", orig["global_attention"])
+        tv.upsample_nearest = phases.wrap("nearest 2x upsampling", orig["upsample_nearest"])
+        tv.norm_silu = lambda norm, stats: phases.wrap("GroupNorm apply + SiLU (fp32)", norm_silu(norm, stats))
+        tv.GroupStats.add = phases.wrap("GroupNorm statistics (var_mean per tile, fp64 merge)", methods[(tv.GroupStats, "add")])
+        tv.Conv.apply = phases.wrap("conv (pad, 3x3/1x1 conv, trim)", methods[(tv.Conv, "apply")])
+        yield
+    finally:
+        for name, fn in orig.items():
+            setattr(tv, name, fn)
+        for (cls, name), fn in methods.items():
+            setattr(cls, name, fn)
+
+
+def top_ops(prof, key: str, n: int) -> list[dict]:
+    """The n ops with the most self time by `key` (self_cpu_time_total, or the device's), in ms."""
+    rows = []
+    events = [e for e in prof.key_averages() if not e.key.startswith("zimage::")]
+    for e in sorted(events, key=lambda e: -getattr(e, key, 0))[:n]:
+        value = getattr(e, key, 0)
+        if value <= 0:
+            break
+        rows.append({"op": e.key, "calls": e.count, "self_ms": round(value / 1000, 1)})
+    return rows
+
+
+def device_key(prof) -> str | None:
+    """The averages' attribute for self time on the GPU (renamed from cuda to device in newer torch)."""
+    averages = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        if any(getattr(e, key, 0) > 0 for e in averages):
+            return key
+    return None
+
+
+def profile_one(label: str, fn, cuda: bool, rows: int):
+    """Run fn once under torch.profiler; print its tables; return (seconds, {cpu: [...], cuda: [...]})."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    gc.collect()
+    common.sync()
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        common.sync()
+        seconds = time.perf_counter() - start
+    print(f"\n=== {label}: {seconds:.2f} s under the profiler ===", flush=True)
+    out = {"cpu": top_ops(prof, "self_cpu_time_total", rows)}
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+    if cuda and (key := device_key(prof)):
+        out["cuda"] = top_ops(prof, key, rows)
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
+    return seconds, out
+
+
+def run_profile(sizes: list[int], tile: int, rows: int) -> dict:
+    cuda = mm.get_torch_device().type == "cuda"
+    flux = flux_vae()
+    gen = torch.Generator().manual_seed(0)
+    ours = lambda z: tiled_decode(flux, z, tile_size=str(tile))  # noqa: E731
+    core = lambda z: nodes.VAEDecodeTiled().decode(flux, {"samples": z}, tile, 64, 64, 8)[0]  # noqa: E731
+    small = torch.randn(1, 16, 16, 16, generator=gen)  # warm-up, tiled (64 px): the VAE on the device, the
+    nodes.VAEDecodeTiled().decode(flux, {"samples": small}, 64, 64, 32, 8)  # cuDNN/oneDNN handles, first kernels
+    tiled_decode(flux, small, tile_size="64")
+    result = {"profile": True, "tile": int(tile), "vae_dtype": str(flux.vae_dtype).removeprefix("torch."),
+              "machine": f"{platform.machine()}, {common.device_name()}, {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}", "sizes": {}}
+    for side in sizes:
+        z = torch.randn(1, 16, side // 8, side // 8, generator=gen)
+        phases = Phases(cuda)
+        with phases_of_our_decode(phases):
+            t_ours, ops_ours = profile_one(f"ours at {side}² (tile {tile})", lambda z=z: ours(z), cuda, rows)
+        table = phases.table()
+        print(f"\n=== ours at {side}²: time by phase (exclusive; total {t_ours:.2f} s) ===", flush=True)
+        for name, row in table.items():
+            print(f"{row['exclusive_s']:9.3f} s  {100 * row['exclusive_s'] / t_ours:5.1f} %  {row['calls']:6d} calls  {name}",
+                  flush=True)
+        t_core, ops_core = profile_one(f"core VAEDecodeTiled at {side}² (tile {tile}, overlap 64)", lambda z=z: core(z),
+                                       cuda, rows)
+        print(f"\n=== {side}²: ours {t_ours:.2f} s, core tiled {t_core:.2f} s, ratio {t_ours / t_core:.3f} "
+              "(both under the profiler) ===", flush=True)
+        result["sizes"][str(side)] = {"ours_s": round(t_ours, 2), "core_tiled_s": round(t_core, 2),
+                                      "ratio_vs_core_tiled": round(t_ours / t_core, 3), "ours_phases": table,
+                                      "ours_top_ops": ops_ours, "core_tiled_top_ops": ops_core}
+    return result
+
+
 def main() -> int:
     ap = common.parser(__doc__.splitlines()[0], "smaller sizes (minutes on a 2-core CPU)")
     ap.add_argument("--tile", type=int, default=0,
@@ -132,7 +301,19 @@ def main() -> int:
     common.add_cpu_option(ap)
     ap.add_argument("--fp32", action="store_true",
                     help="decode in float32 on a GPU too (ComfyUI's --fp32-vae), to tell tiling error from bf16 rounding")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None,
+                    help="the full-size VAE's image sides in pixels (multiples of 8; default 1024 2048, and 4096 on a "
+                         "GPU; 384 with --quick)")
+    ap.add_argument("--nano-sizes", type=int, nargs="+", default=None,
+                    help="the nano VAE's image sides in pixels (default 1024 2048; 512 1024 with --quick)")
+    ap.add_argument("--profile", action="store_true",
+                    help="no figures: profile one decode of ours and one of core's tiled decode (full-size VAE, at "
+                         "--sizes, default 1024) with torch.profiler; top ops by self time and our time by phase")
+    ap.add_argument("--profile-rows", type=int, default=15, help="ops in each --profile table (default 15)")
     args = ap.parse_args()
+    for flag, sizes in (("--sizes", args.sizes), ("--nano-sizes", args.nano_sizes)):
+        if sizes and any(s % 8 or s < 64 for s in sizes):
+            ap.error(f"{flag}: each side must be a multiple of 8, at least 64")
     if args.fp32:
         from comfy.cli_args import args as comfy_args
         comfy_args.fp32_vae = True
@@ -142,7 +323,11 @@ def main() -> int:
         nano_sizes, flux_sizes = [512, 1024], [384]
     else:
         nano_sizes, flux_sizes = [1024, 2048], [1024, 2048] + ([4096] if gpu else [])
+    flux_sizes, nano_sizes = args.sizes or flux_sizes, args.nano_sizes or nano_sizes
     torch.set_grad_enabled(False)
+    if args.profile:
+        common.print_figures(run_profile(args.sizes or [1024], args.tile, args.profile_rows))
+        return 0
     if not gpu:
         track_freed_memory()
     rows = []
