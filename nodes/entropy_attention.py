@@ -2,11 +2,20 @@
 
 For the first `calibration_steps` sampling steps attention runs in full while, for every layer and head,
 the normalised entropy H/log(N) of its attention is measured on an evenly spaced sample of queries. Then
-the heads whose attention is most spread out are pruned: a head whose every query averages over the whole
-sequence adds an almost position-independent term, which changes little from step to step. For a pruned
-head the q/k/v rows of the fused `qkv` projection, its attention and its columns of the `out` projection
-are not computed at all; its contribution becomes the one it made at the last calibration step (`reuse`)
-or nothing (`zero`).
+the heads whose attention is most spread out are pruned.
+A head whose every query averages over the whole sequence adds an almost position-independent term: the mean
+of its values. For a pruned head the q/k/v rows of the fused `qkv` projection, its attention and its columns
+of the `out` projection are not computed at all; its contribution becomes the one it made at the last full
+step (`reuse`), that one shifted by the change of its mean value vector since then (`track_mean`: exact for
+a head that attends uniformly, and cheap: the input's token mean through the pruned heads' value rows and
+out columns), or nothing (`zero`). `refresh_every` runs a full step after every few pruned ones, refreshing
+the cached outputs.
+
+At the first pruned step of a run each pruned layer cuts its kept heads' `qkv` rows and `out` columns into
+dense weights of their own (from the weights the layer computes with, LoRA applied), so every pruned step
+runs two smaller matmuls and one attention call over the kept heads, with no gathers; the pruned heads'
+cached term is projected once and added as one tensor. The kept heads' attention goes through ComfyUI's
+attention function and any `optimized_attention_override` on the model (core's BlockSparseAttention, say).
 
 The patch replaces each JointAttention's `forward` through ModelPatcher object patches on a clone, and
 tracks the sampling step with keyed wrappers (OUTER_SAMPLE resets a run, DIFFUSION_MODEL tells the phase
@@ -39,9 +48,9 @@ log = logging.getLogger("comfyui-zimage")
 WRAPPER_KEY = "zimage_entropy_pruning"
 SESSION_KEY = "zimage_pruning_session"  # transformer_options: id of the run state (a string survives deepcopy)
 PHASE_KEY = "zimage_pruning_phase"
-CALIBRATE, PRUNE, FULL = "calibrate", "prune", "full"
+CALIBRATE, PRUNE, REFRESH, FULL = "calibrate", "prune", "refresh", "full"
 RULES = ("keep_ratio", "threshold")
-PRUNED_OUTPUT = ("reuse", "zero")
+PRUNED_OUTPUT = ("reuse", "track_mean", "zero")
 DEFAULT_BACKEND = "comfy default"
 ENTROPY_CHUNK_ELEMENTS = 1 << 25  # logits held at once while measuring entropy (128 MiB in fp32)
 
@@ -77,32 +86,37 @@ class ZImageEntropyPrunedAttention(io.ComfyNode):
                 io.Combo.Input("rule", options=list(RULES), default="keep_ratio",
                                tooltip="keep_ratio: keep that fraction of all heads, the lowest-entropy ones. "
                                        "threshold: prune every head whose normalised entropy is above the threshold."),
-                io.Float.Input("keep_ratio", default=0.75, min=0.0, max=1.0, step=0.05,
+                io.Float.Input("keep_ratio", default=0.45, min=0.0, max=1.0, step=0.05,
                                tooltip="Fraction of heads kept (rule keep_ratio). 1.0 prunes nothing."),
                 io.Float.Input("threshold", default=0.9, min=0.0, max=1.0, step=0.01,
                                tooltip="Normalised entropy H/log(N) above which a head is pruned (rule threshold); "
                                        "1.0 means a perfectly uniform attention."),
                 io.Int.Input("min_heads_per_layer", default=1, min=0, max=1024,
                              tooltip="Each layer keeps at least this many heads, its lowest-entropy ones."),
-                io.Combo.Input("pruned_heads", options=list(PRUNED_OUTPUT), default="reuse",
+                io.Combo.Input("pruned_heads", options=list(PRUNED_OUTPUT), default="track_mean",
                                tooltip="What replaces a pruned head's output. reuse: its output at the last "
-                                       "calibration step (closer to the full model; holds one attention output "
-                                       "per layer in memory). zero: nothing (no memory)."),
+                                       "full step (holds one attention output per layer in memory). track_mean: that "
+                                       "output shifted by the change of the head's mean value vector since then "
+                                       "(exact for a head that attends uniformly; costs a mean over the tokens). "
+                                       "zero: nothing (no memory)."),
                 io.Int.Input("sample_queries", default=256, min=8, max=65536,
                              tooltip="Queries per head whose attention entropy is measured (evenly spaced over the "
                                      "sequence). The measurement never holds the full N x N attention."),
                 io.Combo.Input("attention_backend", options=attention_backends(), default=DEFAULT_BACKEND,
                                tooltip="Attention function for this model's (kept) heads, chosen per run without "
                                        "restarting ComfyUI. 'comfy default' is what ComfyUI was started with."),
+                io.Int.Input("refresh_every", default=2, min=0, max=1000, optional=True,
+                             tooltip="After this many pruned steps, one step runs in full and refreshes the pruned "
+                                     "heads' reused output (the decision stays). 0: never."),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
 
     @classmethod
     def execute(cls, model, calibration_steps, rule, keep_ratio, threshold, min_heads_per_layer, pruned_heads,
-                sample_queries=256, attention_backend=DEFAULT_BACKEND) -> io.NodeOutput:
+                sample_queries=256, attention_backend=DEFAULT_BACKEND, refresh_every=2) -> io.NodeOutput:
         config = PruneConfig(calibration_steps, rule, keep_ratio, threshold, min_heads_per_layer, pruned_heads,
-                             sample_queries, attention_backend)
+                             sample_queries, attention_backend, refresh_every)
         return io.NodeOutput(patch_model(model, config))
 
 
@@ -138,7 +152,8 @@ def summary_line(report: dict) -> str:
     if not report.get("measured"):
         return "Nothing measured yet: " + "; ".join(report.get("warnings") or ["sample with this model first"])
     line = (f"pruned {report['heads_pruned']}/{report['heads_total']} heads, "
-            f"{100 * report['attention_flops_removed']:.1f}% of attention FLOPs removed")
+            f"{100 * report['attention_flops_removed']:.1f}% of attention FLOPs removed on pruned steps "
+            f"({100 * report['attention_flops_removed_run']:.1f}% over the run)")
     if report.get("warnings"):
         line += " (" + "; ".join(report["warnings"]) + ")"
     return line
@@ -151,12 +166,13 @@ def summary_line(report: dict) -> str:
 class PruneConfig:
     calibration_steps: int = 2
     rule: str = "keep_ratio"
-    keep_ratio: float = 0.75
+    keep_ratio: float = 0.45
     threshold: float = 0.9
     min_heads_per_layer: int = 1
-    pruned_heads: str = "reuse"
+    pruned_heads: str = "track_mean"
     sample_queries: int = 256
     attention_backend: str = DEFAULT_BACKEND
+    refresh_every: int = 2
 
     def validate(self) -> None:
         if self.rule not in RULES:
@@ -169,6 +185,8 @@ class PruneConfig:
             raise PruningError(f"pruned_heads {self.pruned_heads!r} is not one of {', '.join(PRUNED_OUTPUT)}.")
         if self.calibration_steps < 1:
             raise PruningError("calibration_steps must be at least 1: head entropies are measured on those steps.")
+        if self.refresh_every < 0:
+            raise PruningError(f"refresh_every {self.refresh_every} is negative; 0 never refreshes.")
         if self.attention_backend not in attention_backends():
             raise PruningError(f"attention backend {self.attention_backend!r} is not available in this ComfyUI; "
                                f"available: {', '.join(attention_backends())}.")
@@ -197,7 +215,8 @@ def patch_model(model, config: PruneConfig):
     options = m.model_options.setdefault("transformer_options", {})
     options[SESSION_KEY] = state.id
     if config.attention_backend != DEFAULT_BACKEND:
-        options["optimized_attention_override"] = backend_override(config.attention_backend)
+        options["optimized_attention_override"] = backend_override(config.attention_backend,
+                                                                   options.get("optimized_attention_override"))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, state.outer_sample_wrapper)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, state.diffusion_model_wrapper)
     return m
@@ -208,10 +227,14 @@ def state_of(model) -> PruneState | None:
     return _STATES.get(session) if session else None
 
 
-def backend_override(name: str):
+def backend_override(name: str, previous=None):
+    """An attention override that runs `name`; an override already on the model (core's sparse attention, say)
+    stays in charge and gets `name` as the function it falls back to."""
     function = comfy_attention.get_attention_function(name)
 
     def override(default_function, *args, **kwargs):
+        if previous is not None:
+            return previous(function, *args, **kwargs)
         return function(*args, **kwargs)  # kwargs carry _inside_attn_wrapper, so this does not recurse
 
     return override
@@ -228,17 +251,20 @@ class AttentionForward:
             return JointAttention.forward(self.module, x, x_mask, freqs_cis, transformer_options=transformer_options, **fused)
         phase = transformer_options.get(PHASE_KEY, FULL)
         layer = self.state.layers[self.name]
-        layer.tokens = x.shape[1]
         if phase == PRUNE and layer.pruned:
             return forward_kept_heads(self.module, layer, self.state, x, x_mask, freqs_cis, transformer_options)
-        if phase != CALIBRATE:
+        layer.tokens = x.shape[1]
+        if phase == FULL or (phase != CALIBRATE and not layer.pruned):
             return JointAttention.forward(self.module, x, x_mask, freqs_cis, transformer_options=transformer_options)
         q, k, v = project(self.module, x, freqs_cis)
         output = comfy_attention.optimized_attention_masked(q, k, v, self.module.n_local_heads, x_mask, skip_reshape=True,
                                                             transformer_options=transformer_options)
-        layer.add_entropy(attention_entropy(q, k, x_mask, self.state.config.sample_queries))
-        if self.state.config.pruned_heads == "reuse":
-            layer.last_output[batch_key(transformer_options, output)] = output.detach()
+        config = self.state.config
+        key = batch_key(transformer_options, output)
+        if phase == CALIBRATE:
+            layer.add_entropy(attention_entropy(q, k, x_mask, config.sample_queries))
+        if config.pruned_heads != "zero":  # calibration, and the refresh steps of pruned layers
+            layer.keep_output(key, output.detach(), token_mean(x, x_mask) if config.pruned_heads == "track_mean" else None)
         return self.module.out(output)
 
 
@@ -261,33 +287,28 @@ def project(module: JointAttention, x, freqs_cis):
 
 def forward_kept_heads(module: JointAttention, layer: LayerState, state: PruneState, x, x_mask, freqs_cis,
                        transformer_options):
-    """Attention over the kept heads only: their qkv rows, their attention, their out columns."""
+    """Attention over the kept heads only, through their own dense weights (built once a run, see KeptHeads):
+    one smaller qkv matmul, one attention call, one smaller out matmul, and one tensor added for the pruned heads."""
     bsz, seqlen, _ = x.shape
-    hd, kept = module.head_dim, len(layer.keep)
-    if kept == 0:  # every head pruned (min_heads_per_layer 0): no attention at all in this layer
-        weight, bias = effective_weight(module.out, x)
-        y = x.new_zeros(bsz, seqlen, weight.shape[0]) if bias is None else bias.expand(bsz, seqlen, -1).clone()
-        return add_reused(y, module, layer, state, transformer_options)
-    weight, bias = effective_weight(module.qkv, x)
-    rows = layer.qkv_rows(weight.device)
-    qkv = F.linear(x, weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows))
-    xq, xk, xv = qkv.view(bsz, seqlen, 3, kept, hd).unbind(2)
-    xq, xk = apply_rope(module.q_norm(xq), module.k_norm(xk), freqs_cis)
-    mask = x_mask
-    if mask is not None and mask.ndim == 4 and mask.shape[1] == module.n_local_heads:
-        mask = mask.index_select(1, layer.keep_index(mask.device))
-    output = comfy_attention.optimized_attention_masked(xq.movedim(1, 2), xk.movedim(1, 2), xv.movedim(1, 2), kept, mask,
-                                                        skip_reshape=True, transformer_options=transformer_options)
-    weight, bias = effective_weight(module.out, output)
-    y = F.linear(output, weight.index_select(1, layer.out_columns(weight.device)), bias)
-    return add_reused(y, module, layer, state, transformer_options)
-
-
-def add_reused(y, module: JointAttention, layer: LayerState, state: PruneState, transformer_options):
-    if state.config.pruned_heads == "reuse":
-        extra = layer.reused_contribution(batch_key(transformer_options, y), module)
-        if extra is not None:
-            y = y + extra
+    mode = state.config.pruned_heads
+    packed = layer.kept_heads(module, x, mode == "track_mean")
+    if packed.heads == 0:  # every head pruned (min_heads_per_layer 0): no attention at all in this layer
+        y = x.new_zeros(bsz, seqlen, packed.out_weight.shape[0])
+    else:
+        qkv = F.linear(x, packed.qkv_weight, packed.qkv_bias)
+        xq, xk, xv = qkv.view(bsz, seqlen, 3, packed.heads, module.head_dim).unbind(2)
+        xq, xk = apply_rope(module.q_norm(xq), module.k_norm(xk), freqs_cis)
+        mask = x_mask
+        if mask is not None and mask.ndim == 4 and mask.shape[1] == module.n_local_heads:
+            mask = mask.index_select(1, layer.index("heads", mask.device))
+        output = comfy_attention.optimized_attention_masked(xq.movedim(1, 2), xk.movedim(1, 2), xv.movedim(1, 2),
+                                                            packed.heads, mask, skip_reshape=True,
+                                                            transformer_options=transformer_options)
+        y = F.linear(output, packed.out_weight)
+    key = batch_key(transformer_options, y)
+    y = y.add_(layer.pruned_term(key, module, packed, mode))
+    if mode == "track_mean" and packed.pruned_values is not None:
+        y = y.add_(layer.mean_shift(key, packed, token_mean(x, x_mask)))
     return y
 
 
@@ -306,6 +327,12 @@ def effective_weight(linear, x) -> tuple[torch.Tensor, torch.Tensor | None]:
 def batch_key(transformer_options, tensor) -> tuple:
     """Which batch a call carries (cond/uncond layout and shape): a reused output must come from the same."""
     return tuple(transformer_options.get("cond_or_uncond", ())), tuple(tensor.shape[:2])
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mean of the attention's input over the tokens, (B, 1, dim): a uniformly attending head outputs its
+    value projection of it. None where a mask makes "uniform" mean something else per query (padding)."""
+    return x.mean(dim=1, keepdim=True) if mask is None else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,7 +387,21 @@ def mask_bias(mask: torch.Tensor | None, query_index: torch.Tensor, n: int) -> t
 
 
 # ---------------------------------------------------------------------------------------------------
-# Run state: entropies, decisions, reused outputs, the report.
+# Run state: measurements, decisions, the kept heads' weights, pruned heads' terms, the report.
+
+@dataclass
+class KeptHeads:
+    """One layer's kept heads as dense weights of their own: the `qkv` rows of the kept heads (q, then k, then v)
+    and their `out` columns, cut once from the weights the layer really computes with (LoRA and other patches
+    applied), so pruned steps run plain matmuls with no per-step gathers."""
+    heads: int
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor | None
+    pruned_values: torch.Tensor | None = None  # track_mean: the pruned heads' v rows
+    pruned_out: torch.Tensor | None = None  # and their out columns
+
 
 @dataclass
 class LayerState:
@@ -373,8 +414,9 @@ class LayerState:
     keep: list[int] = field(default_factory=list)
     pruned: list[int] = field(default_factory=list)
     tokens: int = 0
-    last_output: dict = field(default_factory=dict)  # batch key -> attention output (B, N, heads*hd), pre-`out`
-    contribution: dict = field(default_factory=dict)  # batch key -> pruned heads' reused term (B, N, dim)
+    outputs: dict = field(default_factory=dict)  # batch key -> (attention output (B, N, heads*hd), token mean)
+    terms: dict = field(default_factory=dict)  # batch key -> the pruned heads' term(s) through `out` (B, N, dim)
+    packed: dict = field(default_factory=dict)  # (device, dtype) -> KeptHeads
     _index_cache: dict = field(default_factory=dict)
 
     def add_entropy(self, entropy: torch.Tensor) -> None:
@@ -387,13 +429,21 @@ class LayerState:
     def entropy(self) -> list[float] | None:
         return None if self.entropy_sum is None else (self.entropy_sum / self.calls).cpu().tolist()
 
-    def reset(self) -> None:
-        self.entropy_sum, self.calls, self.keep, self.pruned = None, 0, [], []
-        self.last_output.clear()
-        self.contribution.clear()
-        self._index_cache.clear()
+    def keep_output(self, key, output: torch.Tensor, mean: torch.Tensor | None) -> None:
+        """Remember a full step's attention output and its input's token mean, and drop the term made from the
+        previous one."""
+        self.outputs[key] = (output, mean)
+        self.terms.pop(key, None)
 
-    def _index(self, kind: str, device) -> torch.Tensor:
+    def reset(self) -> None:
+        self.entropy_sum, self.calls = None, 0
+        self.keep, self.pruned = [], []
+        for store in (self.outputs, self.terms, self.packed, self._index_cache):
+            store.clear()
+
+    def index(self, kind: str, device) -> torch.Tensor:
+        """Indices of the kept heads ("heads"), their qkv rows ("qkv"), their out columns ("out") or the pruned
+        heads' out columns ("pruned")."""
         key = (kind, str(device))
         if key not in self._index_cache:
             hd, heads = self.head_dim, self.heads
@@ -403,30 +453,54 @@ class LayerState:
                 values = [part * heads * hd + h * hd + i for part in range(3) for h in self.keep for i in range(hd)]
             elif kind == "out":
                 values = [h * hd + i for h in self.keep for i in range(hd)]
-            else:  # "pruned": columns of the pruned heads
+            else:
                 values = [h * hd + i for h in self.pruned for i in range(hd)]
             self._index_cache[key] = torch.tensor(values, dtype=torch.long, device=device)
         return self._index_cache[key]
 
-    def keep_index(self, device) -> torch.Tensor:
-        return self._index("heads", device)
+    def kept_heads(self, module: JointAttention, x: torch.Tensor, pruned_values: bool = False) -> KeptHeads:
+        """The kept heads' weights for x's device and dtype, cut at the first pruned step of a run (after ComfyUI
+        has patched the model's weights for the run) and kept until the next run; with `pruned_values`, also the
+        pruned heads' value rows and out columns (for track_mean)."""
+        key = (x.device, x.dtype)
+        packed = self.packed.get(key)
+        if packed is None:
+            qkv_weight, qkv_bias = effective_weight(module.qkv, x)
+            out_weight, out_bias = effective_weight(module.out, x)
+            rows, cols = self.index("qkv", qkv_weight.device), self.index("out", out_weight.device)
+            packed = KeptHeads(len(self.keep), qkv_weight.index_select(0, rows).contiguous(),
+                               None if qkv_bias is None else qkv_bias.index_select(0, rows).contiguous(),
+                               out_weight.index_select(1, cols).contiguous(),
+                               None if out_bias is None else out_bias.clone())
+            if pruned_values:
+                pruned = self.index("pruned", out_weight.device)
+                value_rows = 2 * self.heads * self.head_dim + pruned  # v follows q and k in the fused qkv
+                packed.pruned_values = qkv_weight.index_select(0, value_rows).contiguous()
+                packed.pruned_out = out_weight.index_select(1, pruned).contiguous()
+            self.packed[key] = packed
+        return packed
 
-    def qkv_rows(self, device) -> torch.Tensor:
-        return self._index("qkv", device)
+    def pruned_term(self, key, module: JointAttention, packed: KeptHeads, mode: str) -> torch.Tensor | float:
+        """What the pruned heads add to the layer's output, with the out bias folded in: one tensor to add.
+        reuse and track_mean: their output at the last full step through their `out` columns; zero: the bias."""
+        bias = 0.0 if packed.out_bias is None else packed.out_bias
+        cached = self.outputs.get(key) if mode != "zero" else None
+        if cached is None:
+            return bias
+        if key not in self.terms:
+            output = cached[0]
+            weight, _ = effective_weight(module.out, output)
+            cols = self.index("pruned", weight.device)
+            self.terms[key] = F.linear(output.index_select(-1, cols), weight.index_select(1, cols)) + bias
+        return self.terms[key]
 
-    def out_columns(self, device) -> torch.Tensor:
-        return self._index("out", device)
-
-    def reused_contribution(self, key, module: JointAttention) -> torch.Tensor | None:
-        """The pruned heads' output at the last calibration step, through their `out` columns (once per batch key)."""
-        if key not in self.contribution:
-            cached = self.last_output.pop(key, None)
-            if cached is None:
-                return None
-            weight, _ = effective_weight(module.out, cached)
-            cols = self._index("pruned", weight.device)
-            self.contribution[key] = F.linear(cached.index_select(-1, cols), weight.index_select(1, cols))
-        return self.contribution[key]
+    def mean_shift(self, key, packed: KeptHeads, mean: torch.Tensor | None) -> torch.Tensor | float:
+        """How far the pruned heads' outputs moved since the last full step if they attended uniformly: the change
+        of their mean value vector (a linear map of the input's token mean), through their `out` columns."""
+        cached = self.outputs.get(key)
+        if mean is None or cached is None or cached[1] is None:
+            return 0.0
+        return F.linear(F.linear(mean - cached[1], packed.pruned_values), packed.pruned_out)
 
     def attention_flops(self, heads: int, dim: int) -> float:
         """FLOPs of `heads` heads at the last token count: qkv rows and out columns, QK^T and PV."""
@@ -444,12 +518,16 @@ class PruneState:
         self.layers: dict[str, LayerState] = {}
         self.decided = False
         self.warnings: list[str] = []
+        self.phase_calls: dict[str, int] = {}
+        self.sigmas: list[float] | None = None
 
     def reset(self) -> None:
         for layer in self.layers.values():
             layer.reset()
         self.decided = False
         self.warnings = []
+        self.phase_calls = {}
+        self.sigmas = None
 
     # Wrappers (keyed, so they stack with other patches and leave with the clone).
 
@@ -459,17 +537,23 @@ class PruneState:
 
     def diffusion_model_wrapper(self, executor, *args, **kwargs):
         options = dict(kwargs.get("transformer_options", {}))
-        options[PHASE_KEY] = self.phase(options)
-        if options[PHASE_KEY] == PRUNE and not self.decided:
+        phase = options[PHASE_KEY] = self.phase(options)
+        self.phase_calls[phase] = self.phase_calls.get(phase, 0) + 1
+        if phase == PRUNE and not self.decided:
             self.decide()
         kwargs["transformer_options"] = options
         return executor(*args, **kwargs)
 
     def phase(self, options: dict) -> str:
+        """This model call's phase. Steps are counted on the run's sigmas: a call at a sigma between two
+        of them (a second-order sampler's intermediate evaluation) belongs to the step it starts from."""
         sigmas, sigma = options.get("sample_sigmas"), options.get("sigmas")
         if sigmas is None or sigma is None:
             return FULL  # called outside a sampler: behave as the unpatched model
-        steps = len(sigmas) - 1
+        if self.sigmas is None:
+            self.sigmas = [float(s) for s in sigmas]  # once a run: the schedule lives on the CPU from here on
+        value = float(sigma.max())
+        steps = len(self.sigmas) - 1
         k = self.config.calibration_steps
         if k >= steps:
             message = (f"calibration_steps {k} is not below the {steps} sampling steps: calibrated on all of them and "
@@ -478,8 +562,13 @@ class PruneState:
                 self.warnings.append(message)
                 log.warning("Z-Image entropy pruning: %s", message)
             return CALIBRATE
-        boundary = float(sigmas[k])
-        return CALIBRATE if float(sigma.max()) > boundary * (1 + 1e-6) + 1e-9 else PRUNE
+        step = sum(1 for s in self.sigmas[1:-1] if value <= s * (1 + 1e-6) + 1e-9)
+        if step < k:
+            return CALIBRATE
+        r = self.config.refresh_every
+        if r and (step - k) % (r + 1) == r and step < steps - 1:  # a full step after every r pruned ones (not the last)
+            return REFRESH
+        return PRUNE
 
     def decide(self) -> None:
         """Choose the kept heads of every layer from the measured entropies."""
@@ -508,7 +597,7 @@ class PruneState:
             layer.keep = sorted(keep)
             layer.pruned = [h for h in range(layer.heads) if h not in keep]
             if not layer.pruned:
-                layer.last_output.clear()
+                layer.outputs.clear()
         report = self.report()
         log.info("Z-Image entropy pruning: %s", summary_line(report))
 
@@ -516,15 +605,21 @@ class PruneState:
         layers = list(self.layers.values())
         total = sum(layer.attention_flops(layer.heads, self.model_dim) for layer in layers)
         removed = sum(layer.attention_flops(len(layer.pruned), self.model_dim) for layer in layers)
+        per_step = removed / total if total else 0.0
+        calls = sum(self.phase_calls.get(p, 0) for p in (CALIBRATE, REFRESH, PRUNE))
         c = self.config
         return {
             "measured": any(layer.entropy_sum is not None for layer in layers), "decided": self.decided,
             "rule": c.rule, "keep_ratio": c.keep_ratio, "threshold": c.threshold,
-            "calibration_steps": c.calibration_steps, "min_heads_per_layer": c.min_heads_per_layer,
+            "calibration_steps": c.calibration_steps, "refresh_every": c.refresh_every,
+            "min_heads_per_layer": c.min_heads_per_layer,
             "pruned_heads": c.pruned_heads, "attention_backend": c.attention_backend,
             "heads_total": sum(layer.heads for layer in layers),
             "heads_pruned": sum(len(layer.pruned) for layer in layers),
-            "attention_flops_removed": round(removed / total, 4) if total else 0.0,
+            "attention_flops_removed": round(per_step, 4),
+            # over the whole run: the calibration and refresh steps run in full
+            "attention_flops_removed_run": round(per_step * self.phase_calls.get(PRUNE, 0) / calls, 4) if calls else 0.0,
+            "model_calls": {p: n for p, n in self.phase_calls.items() if p != FULL},
             "layers": [{"layer": layer.name, "tokens": layer.tokens, "pruned": layer.pruned,
                         "entropy": [round(e, 4) for e in layer.entropy] if layer.entropy_sum is not None else None}
                        for layer in layers],

@@ -69,6 +69,32 @@ def test_pruned_sampling_in_a_graph_reports_its_heads_and_stays_close(client):
         assert 0 < np.abs(x - y).mean() < 40, "pruning half the heads changed the picture, but not beyond recognition"
 
 
+def test_the_default_setting_refreshes_tracks_the_mean_and_reports_the_runs_saving(client):
+    full = client.run(graph(None, prefix="default-off"), timeout=300)
+    pruned = client.run(graph(dict(PRUNE, calibration_steps=2, keep_ratio=0.45, pruned_heads="track_mean",
+                                   refresh_every=2), prefix="default-on"), timeout=300)
+    assert full.status == pruned.status == "success", pruned.error
+    text = pruned.outputs["11"]["text"][0]
+    per_step, run = _removed(text)
+    assert 0 < run < per_step  # 9 steps: 2 calibrate, 2 refresh (steps 4 and 7), 5 pruned
+    for x, y in zip(pictures(client, full, "default-off"), pictures(client, pruned, "default-on"), strict=True):
+        assert 0 < np.abs(x - y).mean() < 40
+
+
+def _removed(text: str) -> tuple[float, float]:
+    """(per pruned step, over the run) from the report's summary line, in percent."""
+    per_step = float(text.split("% of attention FLOPs removed on pruned steps")[0].rsplit(" ", 1)[1])
+    run = float(text.split("(")[1].split("% over the run")[0])
+    return per_step, run
+
+
+def test_a_negative_refresh_is_refused_and_the_server_goes_on(client):
+    with pytest.raises(PromptRejected) as rejected:
+        client.run(graph(dict(PRUNE, refresh_every=-1)), timeout=120)
+    assert "refresh_every" in json.dumps(rejected.value.node_errors["10"])
+    assert client.run(graph(PRUNE, steps=3, prefix="after-bad-refresh"), timeout=300).status == "success"
+
+
 def test_keep_all_heads_gives_the_same_images_as_no_patch(client):
     full = client.run(graph(None, prefix="keep-off"), timeout=300)
     same = client.run(graph(dict(PRUNE, keep_ratio=1.0), prefix="keep-all"), timeout=300)

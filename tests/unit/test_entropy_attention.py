@@ -10,6 +10,7 @@ import torch
 from comfy.ldm.lumina.model import JointAttention
 from comfyui_zimage.nodes import entropy_attention as ea
 from comfyui_zimage.nodes.loader import ZImageCheckpointLoader
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -189,7 +190,8 @@ def test_entropy_measurement_holds_a_bounded_slice_of_logits(monkeypatch):
 @pytest.mark.parametrize("options, words", [(dict(keep_ratio=1.5), "keep_ratio 1.5 is outside"),
                                             (dict(threshold=-0.1), "threshold -0.1 is outside"),
                                             (dict(attention_backend="warp-drive"), "not available"),
-                                            (dict(pruned_heads="average"), "pruned_heads")])
+                                            (dict(pruned_heads="average"), "pruned_heads"),
+                                            (dict(refresh_every=-1), "refresh_every -1")])
 def test_bad_options_are_refused(nano, options, words):
     with pytest.raises(ea.PruningError, match=words):
         patched(nano[0], **options)
@@ -249,3 +251,112 @@ def test_weight_functions_of_low_vram_loading_are_applied_to_the_kept_rows(nano)
         module.qkv.weight_function = []
         module.qkv.weight.data.copy_(original)
     assert heads > 1 and torch.allclose(out, expected, atol=1e-5)
+
+
+class OpRecorder(TorchDispatchMode):
+    """The aten ops a block of code runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def test_the_kept_heads_weights_are_cut_once_and_pruned_steps_gather_nothing(nano):
+    model = nano[0]
+    name, module = attention_module(model)
+    x, freqs = attention_inputs(module, model)
+    state = ea.PruneState(ea.PruneConfig(pruned_heads="reuse"), model_dim=x.shape[-1])
+    state.layers[name] = ea.LayerState(name, module.n_local_heads, module.head_dim)
+    forward = ea.AttentionForward(module, state, name)
+    forward(x, None, freqs, transformer_options={ea.PHASE_KEY: ea.CALIBRATE})
+    layer = state.layers[name]
+    layer.pruned, layer.keep = [0, 2], [h for h in range(module.n_local_heads) if h not in (0, 2)]
+    prune = {ea.PHASE_KEY: ea.PRUNE}
+    first = forward(x, None, freqs, transformer_options=prune)
+    with OpRecorder() as recorder:
+        again = forward(x, None, freqs, transformer_options=prune)
+    assert torch.equal(first, again)
+    assert not {"index_select", "gather", "index", "cat"} & set(recorder.ops), str(recorder.ops)
+    assert recorder.ops.count("mm") + recorder.ops.count("addmm") == 2  # the kept heads' qkv, then their out
+    packed = layer.packed[(x.device, x.dtype)]
+    assert packed.qkv_weight.shape == (3 * len(layer.keep) * module.head_dim, x.shape[-1])
+    assert packed.out_weight.shape == (x.shape[-1], len(layer.keep) * module.head_dim)
+
+
+@torch.no_grad()
+def test_track_mean_restores_a_uniformly_attending_head_exactly_on_a_new_input(nano):
+    """A head whose queries are zero attends uniformly: its output is the mean of its values, a linear map of the
+    input's token mean. track_mean shifts the cached output by exactly that change; reuse keeps the old output."""
+    model = nano[0]
+    name, module = attention_module(model)
+    x, freqs = attention_inputs(module, model)
+    x2 = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    heads, hd = module.n_local_heads, module.head_dim
+    original = module.qkv.weight.data.clone()
+    try:
+        module.qkv.weight.data[hd:2 * hd] = 0.0  # head 1's q rows: zero queries, uniform attention
+        expected = JointAttention.forward(module, x2, None, freqs)
+        results = {}
+        for mode in ("track_mean", "reuse"):
+            state = ea.PruneState(ea.PruneConfig(pruned_heads=mode), model_dim=x.shape[-1])
+            state.layers[name] = ea.LayerState(name, heads, hd)
+            forward = ea.AttentionForward(module, state, name)
+            forward(x, None, freqs, transformer_options={ea.PHASE_KEY: ea.CALIBRATE})
+            state.layers[name].pruned, state.layers[name].keep = [1], [h for h in range(heads) if h != 1]
+            results[mode] = forward(x2, None, freqs, transformer_options={ea.PHASE_KEY: ea.PRUNE})
+    finally:
+        module.qkv.weight.data.copy_(original)
+    assert torch.allclose(results["track_mean"], expected, atol=1e-5)
+    assert not torch.allclose(results["reuse"], expected, atol=1e-3)
+
+
+def test_refresh_steps_come_after_every_few_pruned_ones_and_never_last(nano):
+    state = ea.PruneState(ea.PruneConfig(calibration_steps=2, refresh_every=2), model_dim=8)
+    sigmas = torch.linspace(1.0, 0.0, 9)
+    phases = [state.phase({"sample_sigmas": sigmas, "sigmas": sigmas[i:i + 1]}) for i in range(8)]
+    c, p, r = ea.CALIBRATE, ea.PRUNE, ea.REFRESH
+    assert phases == [c, c, p, p, r, p, p, p]
+    mid = (sigmas[0] + sigmas[1]) / 2  # a second-order sampler's evaluation between two steps: the first one's
+    assert state.phase({"sample_sigmas": sigmas, "sigmas": mid[None]}) == c
+
+
+def test_refreshing_runs_full_steps_between_pruned_ones_and_counts_them(nano):
+    model, cond, uncond = nano
+    m = patched(model, keep_ratio=0.5, calibration_steps=2, refresh_every=1, pruned_heads="track_mean")
+    out = sample(m, cond, uncond, steps=6)
+    report = ea.state_of(m).report()
+    assert torch.isfinite(out).all() and not torch.equal(out, sample(model, cond, uncond, steps=6))
+    calls = report["model_calls"]  # steps 0, 1 calibrate; 2 pruned; 3 refresh; 4, 5 pruned (n calls a step)
+    n = calls["refresh"]
+    assert n >= 1 and calls == {"calibrate": 2 * n, "prune": 3 * n, "refresh": n}
+    assert 0 < report["attention_flops_removed_run"] == pytest.approx(report["attention_flops_removed"] * 3 / 6, abs=1e-3)
+    refreshed = sample(m, cond, uncond, steps=6)
+    never = patched(model, keep_ratio=0.5, calibration_steps=2, refresh_every=0, pruned_heads="track_mean")
+    assert torch.equal(refreshed, out) and not torch.equal(sample(never, cond, uncond, steps=6), out)
+
+
+def test_the_kept_heads_attention_goes_through_an_override_already_on_the_model(nano):
+    """Core's BlockSparseAttention is an attention override: the kept heads' call must reach it, and a backend
+    chosen here becomes the function it falls back to."""
+    model, cond, uncond = nano
+    seen = []
+
+    def recording_override(func, q, k, v, heads, *args, **kwargs):
+        seen.append((heads, func))
+        return func(q, k, v, heads, *args, **kwargs)
+
+    with_override = model.clone()
+    with_override.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = recording_override
+    m = patched(with_override, keep_ratio=0.5, calibration_steps=2, attention_backend="pytorch")
+    sample(m, cond, uncond, steps=4)
+    report = ea.state_of(m).report()
+    full = {layer["layer"]: 0 for layer in report["layers"]}
+    assert seen and all(func is ea.comfy_attention.get_attention_function("pytorch") for _, func in seen)
+    kept_counts = {4 - len(layer["pruned"]) for layer in report["layers"] if layer["pruned"]}
+    assert kept_counts and kept_counts & {heads for heads, _ in seen}  # calls with only the kept heads
+    assert full
