@@ -341,6 +341,7 @@ def plot(path: Path, figures: dict) -> None:
               (f"end-to-end speedup ({figures.get('device', '?')})",
                [(f"{side} px", [(1.0, 1.0)] + [(r["keep_ratio"], r["speedup_e2e"]) for r in ours if r["size"] == side])
                 for side in sorted({r["size"] for r in ours})], 1.25)]
+    panels = [panel for panel in panels if any(len(points) > 1 for _, points in panel[1])]  # a run without speed: two
     colours = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (160, 60, 160)]
     w, h, left, top, bottom = 360, 300, 50, 40, 40
     img = Image.new("RGB", (w * len(panels), h), "white")
